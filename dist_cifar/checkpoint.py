@@ -1,0 +1,187 @@
+"""Checkpoint files: atomic full-state checkpoints with a manifest, retention, and safe loading.
+
+A checkpoint is a folder `checkpoints/step-00001234/` holding
+  model.safetensors  the weights, with the config and class names in its metadata (no Accelerate needed)
+  state.pt           optimizer, scheduler, grad scaler, weight averages, progress, every rank's RNG state;
+                     loadable with torch.load(weights_only=True)
+  meta.json          step, epoch, accuracy, world size, versions
+  MANIFEST.json      size and sha256 of the three files above, written last
+It is written under a hidden temporary name and renamed into place only when complete, so a crash
+at any moment leaves the earlier checkpoints as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FILES = ("model.safetensors", "state.pt", "meta.json")
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, read, or used to resume this run: one line naming the file."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_metadata(config: dict, classes: list[str]) -> dict[str, str]:
+    return {"format": "dist_cifar", "config": json.dumps(config), "classes": json.dumps(classes)}
+
+
+def save_weights(path: Path, state_dict: dict, config: dict, classes: list[str]) -> None:
+    """Weights plus the config and class names, as one safetensors file."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata=model_metadata(config, classes))
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict, dict, list[str]]:
+    """(state_dict, config dict, class names) from a model.safetensors file or a checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"no model weights at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise CheckpointError(f"cannot read model weights {path}: {err}") from None
+    if meta.get("format") != "dist_cifar":
+        raise CheckpointError(f"{path} is not a dist_cifar model file (no config and class names in it)")
+    return state, json.loads(meta["config"]), json.loads(meta["classes"])
+
+
+def write_checkpoint(checkpoints_dir: Path, step: int, *, model_state: dict, state: dict, meta: dict,
+                     config: dict, classes: list[str]) -> Path:
+    """(main process only) Write one checkpoint atomically; returns its folder."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"{PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=checkpoints_dir))
+    try:
+        save_weights(tmp / "model.safetensors", model_state, config, classes)
+        _fault_point(f"during_save:{step}")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        manifest = {}
+        for name in FILES:
+            _fsync(tmp / name)
+            manifest[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / "MANIFEST.json")
+        if final.exists():  # the same step saved again (e.g. the end of a resumed run): swap it out
+            old = checkpoints_dir / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(checkpoints_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest_path = folder / "MANIFEST.json"
+    if not manifest_path.is_file():
+        return "no MANIFEST.json (incomplete)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "MANIFEST.json unreadable"
+    for name in FILES:
+        entry = manifest.get(name)
+        path = folder / name
+        if entry is None or not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} is {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} checksum differs from the manifest (corrupt)"
+    return None
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Checkpoint folders, newest step first (temporary and hidden folders excluded)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def find_latest(checkpoints_dir: Path, warn=print) -> Path | None:
+    """The newest complete checkpoint; broken ones are skipped with a warning, never deleted."""
+    for folder in list_checkpoints(checkpoints_dir):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        warn(f"skipping checkpoint {folder}: {problem}")
+    return None
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
+    """(model state_dict, full state, meta) of a verified checkpoint; CheckpointError naming the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint not found: {folder}")
+    problem = verify(folder)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} is unusable: {problem}")
+    model_state, _, _ = load_weights(folder / "model.safetensors")
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read {folder / 'state.pt'}: {err}") from None
+    meta = json.loads((folder / "meta.json").read_text())
+    return model_state, state, meta
+
+
+def prune(checkpoints_dir: Path, keep_last: int) -> None:
+    """(main process only) Keep the newest `keep_last` complete checkpoints and the most accurate one."""
+    folders = [f for f in list_checkpoints(checkpoints_dir) if verify(f) is None]
+    keep = set(folders[:keep_last])
+    scored = []
+    for f in folders:
+        acc = json.loads((f / "meta.json").read_text()).get("test_accuracy")
+        if acc is not None:
+            scored.append((acc, f.name, f))
+    if scored:
+        keep.add(max(scored)[2])
+    for f in folders:
+        if f not in keep:
+            shutil.rmtree(f, ignore_errors=True)
+
+
+def _fault_point(point: str) -> None:
+    """Test hook: DIST_CIFAR_FAULT=during_save:STEP kills this process (SIGKILL) half-way through that save."""
+    if os.environ.get("DIST_CIFAR_FAULT") == point:
+        os.kill(os.getpid(), 9)

@@ -1,0 +1,342 @@
+"""The run configuration: typed dataclasses, loaded from YAML, then dotted command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: reported as one line, never as a traceback."""
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0  # pixels of padding before a random crop back to image_size (0 = no crop)
+    flip: bool = False  # random horizontal flip
+    flip_alternate: bool = False  # flip every other epoch instead of at random (airbench's trick)
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # cifar10 (torchvision) | imagefolder (root/train/<class>/*, root/test/<class>/*)
+    root: str = "data"
+    download: bool = False  # cifar10 only
+    pipeline: str = "device"  # device (dataset held on the training device) | loader (torch DataLoader)
+    num_workers: int = 2  # loader pipeline only
+    train_subset: int = 0  # train on this many images (a seeded draw); 0 = all
+    image_size: int = 32  # pixels; imagefolder images are resized to this
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    cache_dir: str = ""  # decoded uint8 cache; "" = $DIST_CIFAR_CACHE or ~/.cache/dist_cifar
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tutorial_net"  # tutorial_net | resnet18 | fastnet
+    widths: list[int] = field(default_factory=lambda: [64, 256, 256])  # fastnet conv-group widths
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    sync_batchnorm: bool = False  # GPU only: BatchNorm statistics over all ranks
+    whiten_bias_epochs: int = 0  # fastnet: train the whitening layer's bias for this many epochs, then freeze it; 0 = always
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.001  # peak learning rate as applied to the optimizer (not rescaled by world size)
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 0.0  # sgd: decoupled (p -= lr * wd * p); adamw: its own decoupled decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    bias_lr_scale: float = 1.0  # lr multiplier for biases and BatchNorm parameters
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"  # constant | linear | cosine | onecycle
+    warmup_fraction: float = 0.0  # of all optimizer steps, linear from initial_lr_fraction to the peak lr
+    initial_lr_fraction: float = 0.0  # lr at step 0 during warmup, as a fraction of the peak
+    final_lr_fraction: float = 0.0  # lr at the last step, as a fraction of the peak
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    per_device_batch_size: int = 4  # images per process per micro-step
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    mixed_precision: typing.Optional[str] = None  # no | fp16 | bf16; null = as launched (accelerate --mixed_precision), else no
+    label_smoothing: float = 0.0
+    grad_clip_norm: float = 0.0  # 0 = no clipping
+    ema_decay: float = 0.0  # exponential moving average of the weights, per optimizer step; 0 = off
+    lookahead_every: int = 0  # lookahead: pull fast weights toward slow ones every k optimizer steps; 0 = off
+    lookahead_decay: float = 0.95  # per step; the pull every k steps is decay^k x (t / T)^3
+    resume: str = ""  # "" = fresh run | auto = newest complete checkpoint in output_dir | a checkpoint path
+    max_steps: int = 0  # stop after this many optimizer steps (benchmarks); 0 = run all epochs
+    eval_every_epochs: int = 1  # 0 = evaluate only at the end
+    eval_batch_size: int = 500  # images per process
+    tta_level: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
+    target_accuracy: float = 0.0  # stop early once test accuracy reaches this (0..1); 0 = never
+    threads: int = 0  # torch intra-op threads per process on CPU; 0 = cores / local processes
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # full-state checkpoint every N optimizer steps; 0 = off
+    every_epochs: int = 1  # and at the end of every N epochs; 0 = off
+    keep_last: int = 2  # newest checkpoints kept (the best one is kept as well)
+
+
+@dataclass
+class PreemptConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    requeue: bool = True  # under SLURM the main process runs `scontrol requeue $SLURM_JOB_ID`
+    check_every_steps: int = 10  # how often ranks agree on stopping (a collective), multi-process runs
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "dist_cifar"
+    entity: str = ""
+    run_name: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    plots: bool = True  # write training curves and confusion matrix pictures at the end
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = ""  # the run folder; "" = runs/<config name>-<timestamp>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES = {
+    "data.name": ("cifar10", "imagefolder"),
+    "data.pipeline": ("device", "loader"),
+    "model.name": ("tutorial_net", "resnet18", "fastnet"),
+    "optim.name": ("sgd", "adamw"),
+    "schedule.name": ("constant", "linear", "cosine", "onecycle"),
+    "train.mixed_precision": ("no", "fp16", "bf16", None),
+    "tracking.wandb.mode": ("online", "offline", "disabled"),
+}
+# key -> (lowest allowed, highest allowed or None); checked after loading.
+BOUNDS = {
+    "seed": (0, None),
+    "data.num_workers": (0, None),
+    "data.train_subset": (0, None),
+    "data.image_size": (8, None),
+    "data.augment.crop_padding": (0, None),
+    "model.widths": (1, None),
+    "model.whiten_bias_epochs": (0, None),
+    "optim.lr": (0.0, None),
+    "optim.momentum": (0.0, 1.0),
+    "optim.weight_decay": (0.0, None),
+    "optim.bias_lr_scale": (0.0, None),
+    "schedule.warmup_fraction": (0.0, 1.0),
+    "schedule.final_lr_fraction": (0.0, 1.0),
+    "schedule.initial_lr_fraction": (0.0, 1.0),
+    "train.epochs": (1, None),
+    "train.per_device_batch_size": (1, None),
+    "train.grad_accum_steps": (1, None),
+    "train.label_smoothing": (0.0, 1.0),
+    "train.grad_clip_norm": (0.0, None),
+    "train.ema_decay": (0.0, 1.0),
+    "train.lookahead_every": (0, None),
+    "train.lookahead_decay": (0.0, 1.0),
+    "train.max_steps": (0, None),
+    "train.eval_every_epochs": (0, None),
+    "train.eval_batch_size": (1, None),
+    "train.tta_level": (0, 2),
+    "train.target_accuracy": (0.0, 1.0),
+    "train.threads": (0, None),
+    "checkpoint.every_steps": (0, None),
+    "checkpoint.every_epochs": (0, None),
+    "checkpoint.keep_last": (1, None),
+    "preempt.check_every_steps": (1, None),
+}
+SIGNAL_NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+# Points any config at a local copy of the data: an image folder (with train/ and test/) or a
+# torchvision CIFAR-10 root. Command-line overrides still win.
+DATA_ENV = "DIST_CIFAR_DATA"
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotated type `tp`; return it (ints widened to floats)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return value
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _merge(obj, data: dict, prefix: str = "") -> None:
+    """Write the (nested) mapping `data` into the dataclass instance `obj`, type-checking each key."""
+    hints = typing.get_type_hints(type(obj))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in hints:
+            known = ", ".join(prefix + n for n in hints)
+            raise ConfigError(f"unknown config key {key!r} (known here: {known})")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping of its sub-keys, got {value!r}")
+            _merge(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, tp))
+
+
+def _get(cfg: Config, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values, naming the key."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else a for a in allowed)
+            raise ConfigError(f"{key} must be one of {shown}; got {value!r}")
+    for key, (low, high) in BOUNDS.items():
+        values = _get(cfg, key)
+        for value in values if isinstance(values, list) else [values]:
+            if value < low or (high is not None and value > high):
+                rng = f">= {low}" if high is None else f"between {low} and {high}"
+                raise ConfigError(f"{key} must be {rng}, got {value!r}")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise ConfigError("data.mean and data.std must each have 3 values (R, G, B)")
+    if any(s <= 0 for s in cfg.data.std):
+        raise ConfigError(f"data.std must be > 0, got {cfg.data.std}")
+    if len(cfg.model.widths) != 3:
+        raise ConfigError(f"model.widths must have 3 values, got {cfg.model.widths}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    for sig in cfg.preempt.signals:
+        if sig not in SIGNAL_NAMES:
+            raise ConfigError(f"preempt.signals: unknown signal {sig!r} (use {', '.join(SIGNAL_NAMES)})")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ConfigError("optim.nesterov needs optim.momentum > 0")
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the literal text, the type check decides
+    return key, value
+
+
+def _nest(key: str, value) -> dict:
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- $DIST_CIFAR_DATA <- dotted overrides; then validated."""
+    cfg = Config()
+    if path is not None:
+        _merge(cfg, read_yaml(path))
+    data_env = os.environ.get(DATA_ENV)
+    if data_env:
+        root = Path(data_env)
+        cfg.data.root = str(root)
+        cfg.data.name = "imagefolder" if (root / "train").is_dir() else "cifar10"
+    for text in overrides:
+        key, value = _parse_override(text)
+        _merge(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a config saved by `to_dict` (checkpoints, config.yaml)."""
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
