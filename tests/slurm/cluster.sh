@@ -27,7 +27,13 @@ dump_logs() {
     done
 }
 
-die() { log "ERROR: $*"; dump_logs; exit 1; }
+STARTED=0  # set once `up` has started a daemon: a failing `up` stops what it started
+die() {
+    log "ERROR: $*"
+    dump_logs
+    if ((STARTED)); then cmd_down >/dev/null 2>&1 || true; fi
+    exit 1
+}
 
 install_packages() {
     local missing=()
@@ -78,6 +84,7 @@ start_munge() {
     chmod 0755 /run/munge
     rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock  # stale, nothing answers
     # setpriv execs in place (no fork), so $! is munged's own pid.
+    STARTED=1
     setpriv --reuid munge --regid munge --init-groups munged --foreground \
         >>"$DIR/log/munged.out" 2>&1 </dev/null &
     echo $! >"$DIR/pid/munged.pid"
@@ -113,9 +120,10 @@ CredType=cred/munge
 # A requeued job may restart only once the old job credential expires (default 120 s).
 AuthInfo=cred_expire=10
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool/%n
+SlurmdSpoolDir=$DIR/spool/$node
+MailProg=/bin/true
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd-%n.pid
+SlurmdPidFile=$DIR/run/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
 SlurmctldDebug=info
@@ -142,6 +150,7 @@ SlurmdTimeout=30
 NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
+    mkdir -p "$DIR/spool/$node"
     echo "export SLURM_CONF=$DIR/slurm.conf" >"$DIR/env.sh"
 }
 
@@ -162,6 +171,7 @@ cmd_up() {
     export SLURM_CONF=$DIR/slurm.conf
     # -D keeps them in the foreground so $! is the daemon itself; setsid detaches them from
     # the caller's process group. -i ignores stale state from an earlier run in DIR.
+    STARTED=1
     setsid slurmctld -D -i -f "$SLURM_CONF" >>"$DIR/log/slurmctld.out" 2>&1 </dev/null &
     echo $! >"$DIR/pid/slurmctld.pid"
     setsid slurmd -D -f "$SLURM_CONF" -N "$(hostname -s)" >>"$DIR/log/slurmd.out" 2>&1 </dev/null &
