@@ -206,6 +206,11 @@ def _coerce(key: str, value, tp):
             return value
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: accept numeric text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
             if value != value or value in (float("inf"), float("-inf")):
