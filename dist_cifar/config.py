@@ -50,12 +50,14 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw
-    lr: float = 0.001  # peak learning rate as applied to the optimizer (not rescaled by world size)
+    lr: float = 0.001  # peak learning rate for the mean loss of one optimizer step (see lr_reference_batch)
+    lr_reference_batch: int = 0  # >0: lr is per this many images, scaled linearly to the global batch; 0: as given
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     weight_decay: float = 0.0  # sgd: decoupled (p -= lr * wd * p); adamw: its own decoupled decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
     bias_lr_scale: float = 1.0  # lr multiplier for biases and BatchNorm parameters
+    decay_biases: bool = False  # apply weight_decay to biases and BatchNorm parameters too
 
 
 @dataclass
@@ -148,6 +150,7 @@ BOUNDS = {
     "model.widths": (1, None),
     "model.whiten_bias_epochs": (0, None),
     "optim.lr": (0.0, None),
+    "optim.lr_reference_batch": (0, None),
     "optim.momentum": (0.0, 1.0),
     "optim.weight_decay": (0.0, None),
     "optim.bias_lr_scale": (0.0, None),
@@ -218,6 +221,8 @@ def _coerce(key: str, value, tp):
             return value
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes as a boolean: mixed_precision=no
+            value = "yes" if value else "no"
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key} must be a string, got {value!r}")

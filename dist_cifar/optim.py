@@ -11,7 +11,14 @@ from dist_cifar.config import Config
 from dist_cifar.models import no_decay_parameters
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def peak_lr(cfg: Config, global_batch_size: int) -> float:
+    """optim.lr, scaled linearly from optim.lr_reference_batch images to the real global batch."""
+    if cfg.optim.lr_reference_batch:
+        return cfg.optim.lr * global_batch_size / cfg.optim.lr_reference_batch
+    return cfg.optim.lr
+
+
+def build_optimizer(cfg: Config, model: nn.Module, global_batch_size: int) -> torch.optim.Optimizer:
     """Two parameter groups: weights, and biases/normalisation (at bias_lr_scale x lr, no decay).
 
     SGD weight decay is decoupled from the learning rate: each step removes `weight_decay` x the
@@ -19,6 +26,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     weight_decay / peak group lr, so the decay follows the schedule but not the lr scale).
     """
     o = cfg.optim
+    lr = peak_lr(cfg, global_batch_size)
     special = no_decay_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = [p for p in trainable if id(p) not in special]
@@ -27,20 +35,20 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.model.whiten_bias_epochs and hasattr(model, "whiten"):
         frozen_later = [model.whiten.bias]
         biases = [p for p in biases if p is not model.whiten.bias]
-    groups = [dict(params=weights, lr=o.lr, decay=o.weight_decay),
-              dict(params=biases, lr=o.lr * o.bias_lr_scale, decay=0.0),
-              dict(params=frozen_later, lr=o.lr * o.bias_lr_scale, decay=0.0,
+    groups = [dict(params=weights, lr=lr, decay=o.weight_decay),
+              dict(params=biases, lr=lr * o.bias_lr_scale, decay=o.weight_decay if o.decay_biases else 0.0),
+              dict(params=frozen_later, lr=lr * o.bias_lr_scale, decay=o.weight_decay if o.decay_biases else 0.0,
                    freeze_epoch=cfg.model.whiten_bias_epochs)]
     if o.bias_lr_scale == 1.0 and o.weight_decay == 0.0 and not frozen_later:
-        groups = [dict(params=weights + biases, lr=o.lr, decay=0.0)]  # one group: less work per step
+        groups = [dict(params=weights + biases, lr=lr, decay=0.0)]  # one group: less work per step
     groups = [g for g in groups if g["params"]]
     if o.name == "sgd":
         for g in groups:
             g["weight_decay"] = g["decay"] / g["lr"] if g["lr"] > 0 else 0.0
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
     for g in groups:
         g["weight_decay"] = g["decay"]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas))
 
 
 def freeze_groups(optimizer, epoch: int) -> None:

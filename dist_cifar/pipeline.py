@@ -120,8 +120,10 @@ class DeviceBatches:
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield (images, labels) for micro-steps start_step.. of `epoch`."""
         plan = epoch_plan(len(self.labels), self.seed, epoch, self.augment_cfg)
-        order = plan.order.to(self.images.device)
-        augmenting = plan.flip is not None or plan.shift is not None
+        where = self.images.device
+        order = plan.order.to(where)
+        flip = None if plan.flip is None else plan.flip.to(where)  # indexed on the device: no sync per step
+        shift = None if plan.shift is None else plan.shift.to(where)
         on_cpu = self.device.type == "cpu"
         b, w, r = self.batch_size, self.world_size, self.rank
         for step in range(start_step, self.steps):
@@ -130,10 +132,9 @@ class DeviceBatches:
             if not on_cpu:
                 images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             x = self.normalize(images)
-            if augmenting:
-                cpu_index = index.cpu()
-                x = augment(x, None if plan.flip is None else plan.flip[cpu_index],
-                            None if plan.shift is None else plan.shift[cpu_index], self.augment_cfg.crop_padding)
+            if flip is not None or shift is not None:
+                x = augment(x, None if flip is None else flip[index], None if shift is None else shift[index],
+                            self.augment_cfg.crop_padding)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, labels

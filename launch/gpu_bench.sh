@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU numbers in the README, in one script: airbench94 over 5 seeds (eager, then torch.compile),
+# a ResNet-18 run, and a fp16 smoke run, on one GPU.
+#
+#   bash launch/gpu_bench.sh DATA OUT
+#
+# DATA: an image folder (train/<class>/, test/<class>/), or a .npz pack of one made with
+#       `python launch/pack_images.py SRC pack.npz` (how the data travels to a machine with no network).
+# OUT:  where the logs and summaries go.
+# Stage limits keep the whole script under about 7 minutes; a stage that runs out is reported as such.
+set -u
+DATA=$1
+OUT=$2
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+export DIST_CIFAR_CACHE=${DIST_CIFAR_CACHE:-/tmp/dist_cifar_cache}
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [[ $DATA == *.npz ]]; then
+    $PY launch/pack_images.py --unpack "$DATA" /tmp/cifar10-jpeg
+    DATA=/tmp/cifar10-jpeg
+fi
+COMMON=(data.name=imagefolder "data.root=$DATA")
+
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local s=$(date +%s)
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $(( $(date +%s) - s )) s (script at $(elapsed) s)"
+    grep -E "seeds|Accuracy of the network|error|Error|warning" "$OUT/$name.log" | tail -n 4
+}
+
+# 1. fp16 + grad scaler on the GPU, and the data cache built once (all 16 cores decode)
+stage smoke_fp16 120 $PY dist_cifar/train.py --config configs/smoke.yaml "${COMMON[@]}" \
+    train.mixed_precision=fp16 "output_dir=$OUT/runs/smoke_fp16"
+
+# 2. airbench94, eager, 5 seeds after an uncounted 1-epoch warm-up
+stage airbench94 150 $PY -m dist_cifar.sweep --config configs/airbench94.yaml --seeds 0-4 \
+    --out "$OUT/runs/airbench94" --warmup-epochs 1 "${COMMON[@]}"
+
+# 3. airbench94 with torch.compile (compilation happens in the warm-up run)
+stage airbench94_compile 170 $PY -m dist_cifar.sweep --config configs/airbench94.yaml --seeds 0-4 \
+    --out "$OUT/runs/airbench94_compile" --warmup-epochs 1 "${COMMON[@]}" model.compile=true
+
+# 4. ResNet-18, one GPU, one seed (the config's 40 epochs if time allows; metrics.jsonl tells how far it got)
+stage resnet18 200 $PY dist_cifar/train.py --config configs/resnet18.yaml "${COMMON[@]}" \
+    "output_dir=$OUT/runs/resnet18"
+
+# keep the small files only
+find "$OUT/runs" \( -name "*.safetensors" -o -name "state.pt" \) -delete 2>/dev/null
+for s in airbench94 airbench94_compile; do
+    [[ -f $OUT/runs/$s/summary.json ]] && cp "$OUT/runs/$s/summary.json" "$OUT/$s-summary.json"
+done
+echo "done in $(elapsed) s"
