@@ -56,8 +56,8 @@ class OptimConfig:
     nesterov: bool = False  # sgd
     weight_decay: float = 0.0  # sgd: decoupled (p -= lr * wd * p); adamw: its own decoupled decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    bias_lr_scale: float = 1.0  # lr multiplier for biases and BatchNorm parameters
-    decay_biases: bool = False  # apply weight_decay to biases and BatchNorm parameters too
+    norm_lr_scale: float = 1.0  # lr multiplier for normalisation-layer (BatchNorm) parameters
+    decay_norm: bool = False  # apply weight_decay to normalisation-layer parameters too
 
 
 @dataclass
@@ -153,7 +153,7 @@ BOUNDS = {
     "optim.lr_reference_batch": (0, None),
     "optim.momentum": (0.0, 1.0),
     "optim.weight_decay": (0.0, None),
-    "optim.bias_lr_scale": (0.0, None),
+    "optim.norm_lr_scale": (0.0, None),
     "schedule.warmup_fraction": (0.0, 1.0),
     "schedule.final_lr_fraction": (0.0, 1.0),
     "schedule.initial_lr_fraction": (0.0, 1.0),

@@ -98,6 +98,7 @@ class FastNet(nn.Module):
     def __init__(self, num_classes: int = 10, widths=(64, 256, 256), scaling: float = 1 / 9):
         super().__init__()
         self.whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)  # fixed at the data's whitening transform; only its bias learns
         self.groups = nn.Sequential(
             ConvGroup(24, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2])
         )
@@ -114,8 +115,7 @@ class FastNet(nn.Module):
         """Set the first conv to whiten 2x2 patches of `images` (normalised, N x 3 x H x W)."""
         patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # N, C, H-1, W-1, 2, 2
         patches = patches.transpose(1, 3).reshape(-1, 3 * 2 * 2)
-        patches = patches - patches.mean(0)
-        cov = patches.T @ patches / len(patches)
+        cov = patches.T @ patches / len(patches)  # second moments of the (already normalised) patches
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         # each patch row is ordered (c, h, w), so every eigenvector reshapes straight into a filter
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(12, 3, 2, 2)
@@ -140,12 +140,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown model {cfg.name!r}")
 
 
-def no_decay_parameters(model: nn.Module) -> set[int]:
-    """ids of biases and normalisation parameters: trained at optim.bias_lr_scale x lr."""
+def norm_parameters(model: nn.Module) -> set[int]:
+    """ids of normalisation-layer parameters: trained at optim.norm_lr_scale x lr."""
     ids = set()
     for mod in model.modules():
-        if isinstance(mod, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+        if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
             ids |= {id(p) for p in mod.parameters(recurse=False)}
-        elif getattr(mod, "bias", None) is not None and isinstance(mod.bias, nn.Parameter):
-            ids.add(id(mod.bias))
     return ids

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dist_cifar.config import Config
-from dist_cifar.models import no_decay_parameters
+from dist_cifar.models import norm_parameters
 
 
 def peak_lr(cfg: Config, global_batch_size: int) -> float:
@@ -19,7 +19,7 @@ def peak_lr(cfg: Config, global_batch_size: int) -> float:
 
 
 def build_optimizer(cfg: Config, model: nn.Module, global_batch_size: int) -> torch.optim.Optimizer:
-    """Two parameter groups: weights, and biases/normalisation (at bias_lr_scale x lr, no decay).
+    """Parameter groups: weights (and biases), normalisation layers (at norm_lr_scale x lr).
 
     SGD weight decay is decoupled from the learning rate: each step removes `weight_decay` x the
     schedule's factor of every weight, whatever its group's lr (torch's coupled term is set to
@@ -27,20 +27,20 @@ def build_optimizer(cfg: Config, model: nn.Module, global_batch_size: int) -> to
     """
     o = cfg.optim
     lr = peak_lr(cfg, global_batch_size)
-    special = no_decay_parameters(model)
+    special = norm_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = [p for p in trainable if id(p) not in special]
-    biases = [p for p in trainable if id(p) in special]
+    norms = [p for p in trainable if id(p) in special]
     frozen_later = []  # fastnet's whitening bias: trained for model.whiten_bias_epochs, then lr 0
     if cfg.model.whiten_bias_epochs and hasattr(model, "whiten"):
         frozen_later = [model.whiten.bias]
-        biases = [p for p in biases if p is not model.whiten.bias]
+        weights = [p for p in weights if p is not model.whiten.bias]
+    norm_decay = o.weight_decay if o.decay_norm else 0.0
     groups = [dict(params=weights, lr=lr, decay=o.weight_decay),
-              dict(params=biases, lr=lr * o.bias_lr_scale, decay=o.weight_decay if o.decay_biases else 0.0),
-              dict(params=frozen_later, lr=lr * o.bias_lr_scale, decay=o.weight_decay if o.decay_biases else 0.0,
-                   freeze_epoch=cfg.model.whiten_bias_epochs)]
-    if o.bias_lr_scale == 1.0 and o.weight_decay == 0.0 and not frozen_later:
-        groups = [dict(params=weights + biases, lr=lr, decay=0.0)]  # one group: less work per step
+              dict(params=norms, lr=lr * o.norm_lr_scale, decay=norm_decay),
+              dict(params=frozen_later, lr=lr, decay=o.weight_decay, freeze_epoch=cfg.model.whiten_bias_epochs)]
+    if o.norm_lr_scale == 1.0 and o.weight_decay == 0.0 and not frozen_later:
+        groups = [dict(params=weights + norms, lr=lr, decay=0.0)]  # one group: less work per step
     groups = [g for g in groups if g["params"]]
     if o.name == "sgd":
         for g in groups:
@@ -107,7 +107,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Lookahead ends on the slow weights."""
+        """Lookahead ends every epoch, and the run, on the slow weights."""
         if self.mode == "lookahead":
             torch._foreach_copy_(self.live, self.avg)
 
