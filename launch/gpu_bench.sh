@@ -2,7 +2,7 @@
 # The GPU numbers in the README, in one script: airbench94 over 5 seeds (bf16, then fp16),
 # a ResNet-18 run, and a fp16 smoke run, on one GPU.
 #
-#   bash launch/gpu_bench.sh DATA OUT
+#   [STAGES="smoke_fp16 airbench94 airbench94_fp16 resnet18"] bash launch/gpu_bench.sh DATA OUT
 #
 # DATA: an image folder (train/<class>/, test/<class>/), or a .npz pack of one made with
 #       `python launch/pack_images.py SRC pack.npz` (how the data travels to a machine with no network).
@@ -28,9 +28,11 @@ if [[ $DATA == *.npz ]]; then
 fi
 COMMON=(data.name=imagefolder "data.root=$DATA")
 
-stage() {  # stage NAME SECONDS COMMAND...
+STAGES=" ${STAGES:-smoke_fp16 airbench94 airbench94_fp16 resnet18} "
+stage() {  # stage NAME SECONDS COMMAND...  (runs only if NAME is in $STAGES)
     local name=$1 limit=$2
     shift 2
+    [[ $STAGES == *" $name "* ]] || return 0
     local s=$(date +%s)
     timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
