@@ -13,6 +13,7 @@ at any moment leaves the earlier checkpoints as they were.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 FILES = ("model.safetensors", "state.pt", "meta.json")
 PREFIX = "step-"
@@ -51,10 +52,18 @@ def model_metadata(config: dict, classes: list[str]) -> dict[str, str]:
     return {"format": "dist_cifar", "config": json.dumps(config), "classes": json.dumps(classes)}
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    # Serialised in memory and written here, so a full disk is an OSError naming the cause; torch.save
+    # and safetensors writing to the file themselves raise RuntimeError ("unexpected pos 576 vs 534")
+    # or SafetensorError instead.
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def save_weights(path: Path, state_dict: dict, config: dict, classes: list[str]) -> None:
     """Weights plus the config and class names, as one safetensors file."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata=model_metadata(config, classes))
+    _write_bytes(path, safetensors_bytes(tensors, metadata=model_metadata(config, classes)))
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict, dict, list[str]]:
@@ -78,13 +87,18 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, dict, list[str]]:
 def write_checkpoint(checkpoints_dir: Path, step: int, *, model_state: dict, state: dict, meta: dict,
                      config: dict, classes: list[str]) -> Path:
     """(main process only) Write one checkpoint atomically; returns its folder."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=checkpoints_dir))
+    try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=checkpoints_dir))
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}") from None
     try:
         save_weights(tmp / "model.safetensors", model_state, config, classes)
         _fault_point(f"during_save:{step}")
-        torch.save(state, tmp / "state.pt")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_bytes(tmp / "state.pt", buffer.getbuffer())
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         manifest = {}
         for name in FILES:
@@ -163,6 +177,28 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
         raise CheckpointError(f"cannot read {folder / 'state.pt'}: {err}") from None
     meta = json.loads((folder / "meta.json").read_text())
     return model_state, state, meta
+
+
+def load_optimizer_state(optimizer, saved: dict, folder: Path) -> None:
+    """optimizer.load_state_dict, refusing (CheckpointError naming state.pt) state that does not fit.
+
+    torch matches saved state to parameters by position and checks only the group sizes, so a
+    checkpoint from code that groups or orders the parameters differently would load and then fail
+    deep inside the first optimizer step (or, worse, train on with the wrong moments).
+    """
+    where = Path(folder) / "state.pt"
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"the optimizer state in {where} does not fit this run: {err}") from None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                    raise CheckpointError(
+                        f"the optimizer state in {where} does not fit this run: {name} of shape "
+                        f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)} (the parameters "
+                        f"are grouped or ordered differently from the code that wrote it)")
 
 
 def prune(checkpoints_dir: Path, keep_last: int) -> None:

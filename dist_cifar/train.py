@@ -8,6 +8,7 @@ form one data-parallel group (gloo on CPUs, NCCL on GPUs).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -30,7 +31,9 @@ from dist_cifar.data import DataError, load_dataset
 from dist_cifar.evaluate import confusion_matrix, per_class_table, summarize
 from dist_cifar.models import build_model
 from dist_cifar.optim import WeightAverage, build_optimizer, build_scheduler, freeze_groups
+from dist_cifar.plots import sample_predictions, write_run_pictures
 from dist_cifar.pipeline import DeviceBatches, EpochSampler, LoaderImages, normalize, steps_per_epoch
+from dist_cifar.tracking import Tracker, accelerator_kwargs
 from dist_cifar.runtime import (PREEMPTED_EXIT_CODE, MainLog, NullLog, Preemption, RunError,
                                 build_accelerator, requeue_slurm_job, versions)
 
@@ -147,7 +150,8 @@ def main(argv=None) -> int:
 def train(cfg: Config, name: str = "run") -> int:
     started = time.time()
     accelerator, info = build_accelerator(cfg, warn=lambda m: print(f"dist_cifar: warning: {m}", file=sys.stderr)
-                                          if int(os.environ.get("RANK", "0")) == 0 else None)
+                                          if int(os.environ.get("RANK", "0")) == 0 else None,
+                                          **accelerator_kwargs(cfg))
     main_process = accelerator.is_main_process
     run_dir = resolve_run_dir(cfg, name)
     log = MainLog(run_dir) if main_process else NullLog(run_dir)
@@ -164,10 +168,11 @@ def train(cfg: Config, name: str = "run") -> int:
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         log.write_text("config.yaml", dump_yaml(cfg))
+    tracker = Tracker(cfg, accelerator, run_dir, log)  # does nothing off the main process or when disabled
     set_seed(cfg.seed)
     net = build_model(cfg.model, len(classes))
     if hasattr(net, "init_whitening"):
-        net.init_whitening(normalize(torch.from_numpy(np.asarray(data.train.images[:5000])), cfg.data.mean, cfg.data.std))
+        net.init_whitening(normalize(torch.from_numpy(np.array(data.train.images[:5000])), cfg.data.mean, cfg.data.std))
     if cfg.model.sync_batchnorm:
         if accelerator.device.type == "cuda" and accelerator.num_processes > 1:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -188,7 +193,7 @@ def train(cfg: Config, name: str = "run") -> int:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    optimizer = build_optimizer(cfg, net)
+    optimizer = build_optimizer(cfg, net, global_batch_size=B * world * k)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     forward_net = torch.compile(net) if cfg.model.compile else net
     model, optimizer, scheduler = accelerator.prepare(forward_net, optimizer, scheduler)
@@ -228,7 +233,7 @@ def train(cfg: Config, name: str = "run") -> int:
         except RuntimeError as err:
             raise ckpt.CheckpointError(f"{resume_from} does not fit this model ({cfg.model.name}, "
                                        f"{len(classes)} classes): {str(err).splitlines()[0]}") from None
-        optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_optimizer_state(optimizer, state["optimizer"], resume_from)
         scheduler.load_state_dict(state["scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
@@ -239,6 +244,8 @@ def train(cfg: Config, name: str = "run") -> int:
         set_rng_state(rank_state["rng"])
         partial_loss, partial_seen = rank_state["loss_sum"], rank_state["seen"]
         log.print(f"resumed from {resume_from} at epoch {progress.epoch + 1}, step {progress.step}")
+        # Records written after this checkpoint belong to lost work and will be written again.
+        log.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
 
     log.print(f"dist_cifar: world size {world}, backend {info['backend']}, device {info['device']}, "
               f"precision {info['mixed_precision']}, {info['threads_per_process']} threads/process")
@@ -247,7 +254,7 @@ def train(cfg: Config, name: str = "run") -> int:
     log.print(f"model: {cfg.model.name}, {sum(p.numel() for p in net.parameters()):,} parameters; "
               f"{total_steps} optimizer steps of {B} x {world} x {k} images; run folder {run_dir}")
     ctx = dict(accelerator=accelerator, cfg=cfg, net=net, optimizer=optimizer, scheduler=scheduler,
-               average=average, classes=classes, run_dir=run_dir, log=log, info=info)
+               average=average, classes=classes, run_dir=run_dir, log=log, info=info, tracker=tracker, test=data.test)
 
     # ---- train (all ranks) ----
     preemption = Preemption(cfg.preempt.signals)
@@ -308,6 +315,10 @@ def train(cfg: Config, name: str = "run") -> int:
                     images_this_attempt = 0
                 if progress.step >= total_steps:
                     break
+            if average is not None:
+                average.finish()
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()  # the steps were only queued: wait for them before reading the clock
             seconds = time.perf_counter() - tick
             progress.train_seconds += seconds
 
@@ -317,17 +328,17 @@ def train(cfg: Config, name: str = "run") -> int:
             every = cfg.train.eval_every_epochs
             test_accuracy = None
             if last_epoch or (every and (epoch + 1) % every == 0):
-                if last_epoch and average is not None:
-                    average.finish()
                 summary = evaluate_now(ctx, data.test)
                 test_accuracy = summary["accuracy"]
             record = {"epoch": epoch + 1, "step": progress.step,
                       "train_loss": float(totals[0] / totals[1]) if totals[1] else None,
                       "test_accuracy": test_accuracy, "lr": optimizer.param_groups[0]["lr"],
                       "seconds": round(seconds, 3), "images_per_second": round(images_this_attempt / max(seconds, 1e-9), 1),
+                      "train_seconds": round(progress.train_seconds, 3),
                       "wall_time": time.time(), "elapsed_seconds": round(time.time() - started, 3)}
             progress.history.append(record)
             log.append_jsonl("metrics.jsonl", record)
+            tracker.log(record, step=progress.step)
             acc_text = "" if test_accuracy is None else f", test accuracy {100 * test_accuracy:.2f} %"
             log.print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}{acc_text}, "
                       f"{record['images_per_second']:.0f} images/s")
@@ -403,6 +414,7 @@ def stop_for_signal(ctx, progress, loss_sum, seen, signal_name) -> None:
     if ctx["accelerator"].is_main_process and ctx["cfg"].preempt.requeue:
         requeue_slurm_job(log)
     ctx["accelerator"].wait_for_everyone()
+    ctx["tracker"].close(exit_code=PREEMPTED_EXIT_CODE)
     raise Preempted()
 
 
@@ -416,6 +428,8 @@ def finish_run(ctx, progress: Progress, summary: dict, reached_target, started: 
     if average is not None and average.mode == "ema":
         average.swap()
     ckpt.save_weights(run_dir / "model.safetensors", ctx["net"].state_dict(), to_dict(cfg), ctx["classes"])
+    sample = (sample_predictions(ctx["net"], ctx["test"], ctx["classes"], mean=cfg.data.mean, std=cfg.data.std)
+              if cfg.tracking.plots else None)  # with the saved weights, before the EMA swap back
     if average is not None and average.mode == "ema":
         average.swap()
     images = sum(r["images_per_second"] * r["seconds"] for r in progress.history)
@@ -430,9 +444,12 @@ def finish_run(ctx, progress: Progress, summary: dict, reached_target, started: 
         target_accuracy=cfg.train.target_accuracy or None,
         target_reached_at_epoch=reached_target["epoch"] if reached_target else None,
         target_reached_elapsed_seconds=reached_target["elapsed_seconds"] if reached_target else None,
+        target_reached_train_seconds=reached_target["train_seconds"] if reached_target else None,
         versions=versions())
     log.write_json("results.json", results)
     log.print(per_class_table(summary))
+    pictures = write_run_pictures(run_dir, results, progress.history, sample) if cfg.tracking.plots else []
+    ctx["tracker"].finish(results, pictures)
     log.print(f"results in {run_dir}")
 
 

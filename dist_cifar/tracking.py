@@ -1,0 +1,178 @@
+"""Experiment tracking: one Weights & Biases run per training run, through Accelerate's tracker API.
+
+Every rank builds a `Tracker`; only the main process talks to W&B, the others hold a tracker that
+does nothing. Mode `online` never blocks on a login prompt or a dead network: without an API key,
+or when the server cannot be reached, the run is written offline under run_dir/wandb/ and the log
+says which `wandb sync DIR` uploads it later.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+import socket
+import urllib.parse
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from dist_cifar.config import Config, to_dict
+from dist_cifar.runtime import RunError
+
+INIT_TIMEOUT_S = 30.0  # longest wait for an online W&B run to start before logging offline instead
+PROBE_TIMEOUT_S = 3.0  # TCP connect to the W&B server, before trying an online run
+RUN_ID_FILE = "dist_cifar-run-id"  # in run_dir/wandb/: a resumed training run continues the same W&B run
+
+
+def accelerator_kwargs(cfg: Config) -> dict:
+    """(all ranks) Accelerator(...) arguments for tracking: pass them to runtime.build_accelerator."""
+    return {} if cfg.tracking.wandb.mode == "disabled" else {"log_with": "wandb"}
+
+
+def _base_url() -> str:
+    import wandb
+
+    return os.environ.get("WANDB_BASE_URL") or wandb.setup().settings.base_url
+
+
+def _has_credentials(base_url: str) -> bool:
+    """Whether W&B can authenticate without asking: the places `wandb login` and wandb.init look."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urllib.parse.urlparse(base_url).hostname
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        return bool(host and netrc.netrc(path).authenticators(host))
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _unreachable(base_url: str) -> str | None:
+    """Why the W&B server cannot be reached (DNS, TCP), or None. Behind a proxy, W&B's own timeout decides."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return None
+    url = urllib.parse.urlparse(base_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"cannot reach {url.hostname}:{port} ({err.strerror or err.__class__.__name__})"
+    return None
+
+
+def _run_id(run_dir: Path) -> str:
+    """The W&B run id of this training run, kept in its folder so a resumed run continues the same W&B run."""
+    path = run_dir / "wandb" / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+class Tracker:
+    """(all ranks) Sends the resolved config, per-epoch metrics and final results to W&B (main process only)."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path, log):
+        self.accelerator, self._log = accelerator, log
+        self.run = None  # the wandb Run, on the main process of a tracked run
+        self.offline_dir: Path | None = None  # the offline run folder, for `wandb sync`
+        wb = cfg.tracking.wandb
+        if wb.mode == "disabled" or not accelerator.is_main_process:
+            return
+        if not any(str(t) == "wandb" for t in accelerator.log_with):
+            raise RunError("tracking.wandb.mode is on but the Accelerator has no wandb tracker: build it with "
+                           "build_accelerator(cfg, **tracking.accelerator_kwargs(cfg)) (is wandb installed?)")
+        import wandb
+
+        run_dir = Path(run_dir)
+        mode = wb.mode
+        if mode == "online":
+            base_url = _base_url()
+            if not _has_credentials(base_url):
+                problem = "no API key (set WANDB_API_KEY or run `wandb login`)"
+            else:
+                problem = _unreachable(base_url)
+            if problem:
+                log.warn(f"wandb: {problem}: logging this run offline instead")
+                mode = "offline"
+        init = dict(dir=str(run_dir), id=_run_id(run_dir), resume="allow", name=wb.run_name or run_dir.name,
+                    tags=list(wb.tags) or None, entity=wb.entity or None)
+        try:
+            self._start(wb.project, cfg, mode, init)
+        except wandb.errors.Error as err:
+            if mode != "online":
+                raise
+            log.warn(f"wandb: cannot start an online run ({str(err).splitlines()[0]}): logging offline instead")
+            # init_trackers registered the tracker before starting it: drop the one that failed, and
+            # restart W&B's service process, which still holds the run id
+            accelerator.trackers = [t for t in accelerator.trackers if t.name != "wandb"]
+            wandb.teardown()
+            mode = "offline"
+            self._start(wb.project, cfg, mode, init)
+        self.run = accelerator.get_tracker("wandb", unwrap=True)
+        if mode == "offline":
+            self.offline_dir = Path(getattr(self.run.settings, "sync_dir", None) or Path(self.run.dir).parent)
+            log.print(f"wandb: offline run {self.run.id} in {self.offline_dir}")
+        else:
+            log.print(f"wandb: run {self.run.id} at {self.run.url}")
+
+    def _start(self, project: str, cfg: Config, mode: str, init: dict) -> None:
+        import wandb
+
+        # silent: W&B's banner and end-of-run summary would bury the trainer's own lines; this class
+        # prints where the run is. init_timeout bounds the wait for a slow server.
+        settings = wandb.Settings(silent=True, init_timeout=INIT_TIMEOUT_S)
+        config = dict(to_dict(cfg), launch={"world_size": self.accelerator.num_processes,
+                                            "device": str(self.accelerator.device),
+                                            "mixed_precision": self.accelerator.mixed_precision})
+        self.accelerator.init_trackers(project, config=config,
+                                       init_kwargs={"wandb": dict(init, mode=mode, settings=settings)})
+
+    def log(self, metrics: dict, step: int) -> None:
+        """(all ranks; main process logs) One record of numbers at optimizer step `step`; None values are left out."""
+        if self.run is None:
+            return
+        self.accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def finish(self, results: dict, pictures: list[Path] = ()) -> None:
+        """(all ranks; main process logs) Final accuracy, per-class table, confusion matrix, pictures; ends the run."""
+        if self.run is None:
+            return
+        import wandb
+
+        classes = results["classes"]
+        cm = results["confusion_matrix"]  # rows = true class, columns = predicted
+        per_class = wandb.Table(columns=["class", "accuracy", "correct", "total"], data=[
+            [name, results["per_class_accuracy"][name], cm[i][i], sum(cm[i])] for i, name in enumerate(classes)])
+        # The chart wandb.plot.confusion_matrix draws, built from the counts instead of per-sample predictions.
+        confusion = wandb.plot_table(
+            "wandb/confusion_matrix/v1",
+            wandb.Table(columns=["Actual", "Predicted", "nPredictions"],
+                        data=[[t, p, cm[i][j]] for i, t in enumerate(classes) for j, p in enumerate(classes)]),
+            {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+            {"title": f"Confusion matrix ({results['num_eval_samples']} test images)"})
+        values = {"final/per_class_accuracy": per_class, "final/confusion_matrix": confusion}
+        values.update({f"pictures/{Path(p).stem}": wandb.Image(str(p)) for p in pictures})
+        self.accelerator.log(values)
+        self.run.summary.update({"final/test_accuracy": results["accuracy"],
+                                 "final/num_eval_samples": results["num_eval_samples"],
+                                 **{f"final/accuracy/{k}": v for k, v in results["per_class_accuracy"].items()}})
+        self.close()
+
+    def close(self, exit_code: int = 0) -> None:
+        """(all ranks) End the W&B run; a non-zero exit_code (failure, preemption) marks it as not finished cleanly."""
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        # Not accelerator.end_training(): that also destroys the process group, which the trainer owns.
+        run.finish(exit_code=exit_code)
+        # finish() can return before W&B's service process has written the run file (measured with
+        # wandb 0.31: sometimes only its 7-byte header was on disk); teardown waits for the service to close.
+        import wandb
+
+        wandb.teardown()
+        if self.offline_dir is not None:
+            self._log.print(f"wandb: offline run saved; upload it with: wandb sync {self.offline_dir}")

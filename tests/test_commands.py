@@ -1,0 +1,164 @@
+"""The user commands on a real trained run: dist-cifar-evaluate (1 process and a 2-rank gloo group),
+dist-cifar-predict on real JPEGs and broken inputs, and dist-cifar-show-data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, child_env, free_port
+from smoke_run import smoke_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_args):
+    return smoke_run(tmp_path_factory, data_args)
+
+
+def command(module: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def evaluate_on_two_ranks(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "dist_cifar.evaluate_cli", *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+# ---- dist-cifar-evaluate ----
+
+def test_evaluate_reproduces_the_runs_accuracy(run_dir, data_root, tmp_path):
+    out = command("dist_cifar.evaluate_cli", run_dir / "model.safetensors", "--data-root", data_root,
+                  "--output", tmp_path / "results.json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads((tmp_path / "results.json").read_text())
+    trained = json.loads((run_dir / "results.json").read_text())
+    assert got["num_eval_samples"] == 10000
+    assert got["accuracy"] == trained["accuracy"]
+    assert got["confusion_matrix"] == trained["confusion_matrix"]
+    assert got["classes"] == trained["classes"] and got["world_size"] == 1
+    assert "Accuracy for class: airplane" in out.stdout
+    assert f"Accuracy of the network on the 10000 test images: {100 * trained['accuracy']:.2f} %" in out.stdout
+
+
+def test_evaluate_on_two_gloo_ranks_counts_every_image_once(run_dir, data_root, tmp_path):
+    checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]  # a checkpoint folder this time
+    out = evaluate_on_two_ranks(checkpoint, "--data-root", data_root, "--output", tmp_path / "r.json",
+                                "--batch-size", 128)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads((tmp_path / "r.json").read_text())
+    trained = json.loads((run_dir / "results.json").read_text())
+    assert (got["world_size"], got["backend"]) == (2, "gloo")
+    assert got["num_eval_samples"] == 10000
+    assert got["confusion_matrix"] == trained["confusion_matrix"]
+    assert out.stdout.count("Accuracy of the network") == 1  # the main process reports, once
+
+
+def test_evaluate_refuses_data_with_other_classes(run_dir, data_root, tmp_path):
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = tmp_path / "two" / split / name
+            folder.mkdir(parents=True)
+            for src in sorted((data_root / split / name).iterdir())[:3]:
+                shutil.copy(src, folder)
+    out = command("dist_cifar.evaluate_cli", run_dir / "model.safetensors", "--data-root", tmp_path / "two",
+                  "--output", tmp_path / "r.json")
+    assert out.returncode == 1
+    assert "was trained on classes" in out.stderr and "['cat', 'dog']" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "r.json").exists()
+
+
+# ---- dist-cifar-predict ----
+
+def test_predict_matches_the_training_preprocessing(run_dir, data_root):
+    """Top-1 of predict on test JPEGs equals the model's prediction on the trainer's decoded test split."""
+    from dist_cifar.checkpoint import load_weights
+    from dist_cifar.config import DataConfig, from_dict
+    from dist_cifar.data import load_dataset
+    from dist_cifar.models import build_model
+    from dist_cifar.pipeline import normalize
+
+    files = [data_root / "test" / c / f"{i:04d}.jpg" for c in ("cat", "ship") for i in range(6)]
+    out = command("dist_cifar.predict", run_dir / "model.safetensors", *files, "--json", "--top-k", "3")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["path"] for line in lines] == [str(f) for f in files]
+
+    state, config, classes = load_weights(run_dir / "model.safetensors")
+    cfg = from_dict(config)
+    net = build_model(cfg.model, len(classes))
+    net.load_state_dict(state)
+    net.eval()
+    test = load_dataset(DataConfig(name="imagefolder", root=str(data_root))).test
+    index = [classes.index(c) * 1000 + i for c in ("cat", "ship") for i in range(6)]  # sorted class/name order
+    with torch.no_grad():
+        probs = net(normalize(torch.from_numpy(np.asarray(test.images[index])), cfg.data.mean, cfg.data.std)).softmax(1)
+    for line, p in zip(lines, probs):
+        assert len(line["top"]) == 3
+        assert line["top"][0]["class"] == classes[int(p.argmax())]
+        assert line["top"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-5)
+        shown = [t["probability"] for t in line["top"]]
+        assert shown == sorted(shown, reverse=True) and sum(shown) <= 1 + 1e-6
+
+
+def test_predict_reports_each_bad_item_and_goes_on(run_dir, data_root, tmp_path):
+    good = tmp_path / "good"
+    (good / "nested").mkdir(parents=True)
+    shutil.copy(data_root / "test" / "frog" / "0000.jpg", good / "frog.jpg")
+    shutil.copy(data_root / "test" / "truck" / "0001.jpg", good / "nested" / "truck.JPG")
+    (good / "notes.txt").write_text("not an image, not an image name: skipped in folders")
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("this is not a JPEG")
+    (tmp_path / "empty").mkdir()
+    missing = tmp_path / "missing.png"
+
+    out = command("dist_cifar.predict", run_dir / "model.safetensors", good, bad, missing, tmp_path / "empty",
+                  data_root / "test" / "cat" / "0000.jpg")
+    assert out.returncode == 1
+    errors = out.stderr.splitlines()
+    assert len(errors) == 3, out.stderr
+    assert any(str(bad) in e and "not a readable image" in e for e in errors)
+    assert any(str(missing) in e and "no such file" in e for e in errors)
+    assert any(str(tmp_path / "empty") in e and "no image files" in e for e in errors)
+    rows = out.stdout.splitlines()
+    assert [r.split()[0] for r in rows] == [str(good / "frog.jpg"), str(good / "nested" / "truck.JPG"),
+                                            str(data_root / "test" / "cat" / "0000.jpg")]
+    assert all(r.count("%") == 3 for r in rows)
+
+
+def test_predict_refuses_unusable_checkpoints(run_dir, data_root, tmp_path):
+    from dist_cifar.checkpoint import load_weights, save_weights
+
+    image = data_root / "test" / "cat" / "0000.jpg"
+    not_a_model = command("dist_cifar.predict", run_dir / "config.yaml", image)
+    assert not_a_model.returncode == 1 and not_a_model.stdout == ""
+    assert "cannot read model weights" in not_a_model.stderr and len(not_a_model.stderr.splitlines()) == 1
+
+    state, config, classes = load_weights(run_dir / "model.safetensors")
+    config["model"]["name"] = "resnet18"  # a file whose weights are not of the model its config names
+    save_weights(tmp_path / "other.safetensors", state, config, classes)
+    other = command("dist_cifar.predict", tmp_path / "other.safetensors", image)
+    assert other.returncode == 1 and other.stdout == ""
+    assert "does not fit a resnet18 model" in other.stderr and len(other.stderr.splitlines()) == 1
+
+
+# ---- dist-cifar-show-data ----
+
+def test_show_data_writes_a_grid(data_args, tmp_path):
+    out = command("dist_cifar.show_data", "--config", "configs/smoke.yaml", *data_args, "--out", tmp_path / "g.png",
+                  "--n", 12, "data.train_subset=100")
+    assert out.returncode == 0, out.stderr
+    with Image.open(tmp_path / "g.png") as img:
+        assert img.format == "PNG" and img.width > 600 and img.height > 300
+    bad = command("dist_cifar.show_data", "--config", "configs/smoke.yaml", "data.nmae=x", "--out", tmp_path / "x.png")
+    assert bad.returncode == 2 and "unknown config key 'data.nmae'" in bad.stderr
+    assert not (tmp_path / "x.png").exists()
