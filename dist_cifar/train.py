@@ -164,11 +164,6 @@ def train(cfg: Config, name: str = "run") -> int:
     classes = data.classes
     if resumed:
         check_resumable(resume_from, resumed[2], cfg, classes, accelerator.num_processes)
-    accelerator.wait_for_everyone()  # nobody writes before every rank has looked at the folder
-    if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log.write_text("config.yaml", dump_yaml(cfg))
-    tracker = Tracker(cfg, accelerator, run_dir, log)  # does nothing off the main process or when disabled
     set_seed(cfg.seed)
     net = build_model(cfg.model, len(classes))
     if hasattr(net, "init_whitening"):
@@ -247,6 +242,11 @@ def train(cfg: Config, name: str = "run") -> int:
         # Records written after this checkpoint belong to lost work and will be written again.
         log.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
 
+    accelerator.wait_for_everyone()  # nobody writes before every rank has looked at the folder
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.write_text("config.yaml", dump_yaml(cfg))
+    tracker = Tracker(cfg, accelerator, run_dir, log)  # does nothing off the main process or when disabled
     log.print(f"dist_cifar: world size {world}, backend {info['backend']}, device {info['device']}, "
               f"precision {info['mixed_precision']}, {info['threads_per_process']} threads/process")
     log.print(f"data: {data.source}: {len(data.train)} train / {len(data.test)} test images, {len(classes)} classes, "
