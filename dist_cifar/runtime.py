@@ -188,8 +188,8 @@ def versions() -> dict:
     rev = None
     try:
         root = Path(__file__).resolve().parent.parent
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip() or None
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        rev = out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         pass
     return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
