@@ -77,8 +77,10 @@ def build_accelerator(cfg: Config, warn=print, **kwargs) -> tuple[Accelerator, d
 
 
 def default_threads(per_device_batch_size: int) -> int:
-    """CPU threads per process: the cores shared among local ranks, but one for tiny batches, whose
-    ops are too small to split (measured here: batch 4 runs 3x faster on one thread than on two)."""
+    """CPU threads per process: the cores shared among local ranks, but one for batches under 16,
+    whose ops are too small to split (measured on 2 idle cores: batch 4 runs 3x faster on one thread
+    than on two; batch 64 1.6x faster on two). On cores busy with other work, two threads per process
+    slow to a crawl: set train.threads=1 there."""
     if per_device_batch_size < 16:
         return 1
     cores = len(os.sched_getaffinity(0))

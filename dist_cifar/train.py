@@ -31,7 +31,6 @@ from dist_cifar.data import DataError, load_dataset
 from dist_cifar.evaluate import confusion_matrix, per_class_table, summarize
 from dist_cifar.models import build_model
 from dist_cifar.optim import WeightAverage, build_optimizer, build_scheduler, freeze_groups
-from dist_cifar.plots import sample_predictions, write_run_pictures
 from dist_cifar.pipeline import DeviceBatches, EpochSampler, LoaderImages, normalize, steps_per_epoch
 from dist_cifar.tracking import Tracker, accelerator_kwargs
 from dist_cifar.runtime import (PREEMPTED_EXIT_CODE, MainLog, NullLog, Preemption, RunError,
@@ -428,6 +427,8 @@ def finish_run(ctx, progress: Progress, summary: dict, reached_target, started: 
     if average is not None and average.mode == "ema":
         average.swap()
     ckpt.save_weights(run_dir / "model.safetensors", ctx["net"].state_dict(), to_dict(cfg), ctx["classes"])
+    if cfg.tracking.plots:
+        from dist_cifar.plots import sample_predictions, write_run_pictures  # matplotlib: only when drawing
     sample = (sample_predictions(ctx["net"], ctx["test"], ctx["classes"], mean=cfg.data.mean, std=cfg.data.std)
               if cfg.tracking.plots else None)  # with the saved weights, before the EMA swap back
     if average is not None and average.mode == "ema":
