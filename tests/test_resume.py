@@ -130,8 +130,10 @@ def test_sigkill_anywhere_and_during_a_save_then_resume_is_exact(reference_2p, d
     run_dir = tmp_path / "run"
     args = train_args(data_args, run_dir, *AUGMENT, "checkpoint.every_steps=5", "train.resume=auto")
     rng = random.Random(20250611)
-    first = rng.randint(6, 25)
-    kill_points = [(first, rng.uniform(0.0, 0.5)), (rng.randint(first + 8, 45), rng.uniform(0.0, 0.5))]
+    # Steps take ~15 ms on a fast machine, so the delays stay short enough for both kills to land
+    # well before the fault step (a 0.5 s delay once let a run pass step 62 before it was killed).
+    first = rng.randint(6, 20)
+    kill_points = [(first, rng.uniform(0.0, 0.08)), (rng.randint(first + 8, 35), rng.uniform(0.0, 0.08))]
     fault_step = 62  # the end of epoch 2 (31 steps an epoch on 2 processes): between every_steps saves
     attempts = []
 
@@ -150,6 +152,7 @@ def test_sigkill_anywhere_and_during_a_save_then_resume_is_exact(reference_2p, d
         job.wait(60)
         resume_is_sound(job.output())
         attempts.append(max(steps(run_dir)))
+    assert attempts[-1] < 60, f"the second kill landed too late ({attempts[-1]}) to test the fault at {fault_step}"
 
     job = start_train(args, nprocs=2, env={"DIST_CIFAR_FAULT": f"during_save:{fault_step}"})
     assert job.wait(120)[0] != 0, tail(job.output())

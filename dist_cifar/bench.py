@@ -1,0 +1,449 @@
+"""Benchmark: dist_cifar against the PyTorch tutorial's own loop and the bare model step, side by side.
+
+`python -m dist_cifar.bench [--steps 3000] [--repeats 3] [--time-to-accuracy] [--out FILE] [--quick]`
+
+Every measurement runs in its own child process, so each one pays its own start-up and has its own
+peak memory; the measurements are interleaved (A, B, C, A, B, C, ...) so a busy machine slows them
+alike, and each is reported as the median of its repeats with the min and max beside it.
+
+What each rate includes:
+- tutorial: the tutorial's loop (ImageFolder JPEGs, ToTensor + Normalize, DataLoader batch 4, shuffled,
+  2 workers, loss.item() every step, torch's default thread count). Timed from the end of step
+  --warmup to the end of the last step: worker start-up and the first batches are excluded
+  (`images_per_second_with_startup` counts them too). Its periodic loss print is left out.
+- dist_cifar: `train_images_per_second` from results.json of `python -m dist_cifar.train --config
+  configs/tutorial.yaml train.max_steps=N`: the training loop only, its first step included; data
+  loading, evaluation and checkpoints are outside it.
+- bare step: forward + backward + SGD step on one batch already in memory, with the thread count
+  the trainer uses for batch 4; timed after --warmup steps. The ceiling for this model and batch.
+Peak memory: `peak_rss_mb` is the kernel's peak RSS of the largest process of the child's tree
+(wait4); `peak_pss_all_mb` is the peak of the summed PSS of the child and its children (DataLoader
+workers), sampled every 0.5 s, so pages the workers share with the main process count once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dist_cifar.models import TutorialNet
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = 4  # the tutorial's batch size, used by all three rates
+LR, MOMENTUM = 0.001, 0.9  # the tutorial's SGD
+TUTORIAL_EPOCHS = 2
+TARGET_VS_BARE = 0.9  # dist_cifar images/s >= this x the bare step's
+TARGET_TTA_FRACTION = 1 / 20  # time to the target accuracy <= this x the tutorial's 2-epoch wall time
+TARGET_PEAK_RSS_MB = 1500  # peak RSS of a single-process full-CIFAR run (1.5 GB, 10^6 bytes per MB)
+MEMORY_SAMPLE_SECONDS = 0.5
+CHILD_TIMEOUT_SECONDS = 3 * 3600
+
+
+class BenchError(RuntimeError):
+    """A measurement failed: reported as one line plus the tail of its log."""
+
+
+# ---- the tutorial's loop (in a child process) ----
+
+def tutorial_parts(data: Path, split: str):
+    """The tutorial's dataset and network, optimizer and loss, on an image folder instead of torchvision's CIFAR10."""
+    import torchvision
+    import torchvision.transforms as transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    dataset = torchvision.datasets.ImageFolder(str(data / split), transform=transform)
+    net = TutorialNet(len(dataset.classes))
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    return dataset, net, criterion, optimizer
+
+
+def tutorial_loader(dataset, shuffle: bool):
+    return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=shuffle, num_workers=2)
+
+
+def tutorial_step(net, criterion, optimizer, inputs, labels) -> float:
+    optimizer.zero_grad()
+    outputs = net(inputs)
+    loss = criterion(outputs, labels)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def child_tutorial_steps(data: Path, steps: int, warmup: int) -> dict:
+    """images/s of the tutorial's loop over `steps` steps after `warmup` untimed ones."""
+    dataset, net, criterion, optimizer = tutorial_parts(data, "train")
+    loader = tutorial_loader(dataset, shuffle=True)
+    total = warmup + steps
+    done, running_loss = 0, 0.0
+    started = time.perf_counter()
+    while done < total:  # a new epoch (and new workers) if the steps outrun one
+        for inputs, labels in loader:
+            running_loss += tutorial_step(net, criterion, optimizer, inputs, labels)
+            done += 1
+            if done == warmup:
+                timed_from = time.perf_counter()
+            if done == total:
+                break
+    ended = time.perf_counter()
+    return {"images_per_second": BATCH * steps / (ended - timed_from),
+            "images_per_second_with_startup": BATCH * total / (ended - started),
+            "mean_loss": running_loss / total, "torch_threads": torch.get_num_threads()}
+
+
+def child_tutorial_epochs(data: Path, epochs: int) -> dict:
+    """The whole tutorial: `epochs` epochs, then accuracy on every test image."""
+    dataset, net, criterion, optimizer = tutorial_parts(data, "train")
+    trainloader = tutorial_loader(dataset, shuffle=True)
+    testloader = tutorial_loader(tutorial_parts(data, "test")[0], shuffle=False)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        for inputs, labels in trainloader:
+            tutorial_step(net, criterion, optimizer, inputs, labels)
+    trained = time.perf_counter()
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in testloader:
+            _, predicted = torch.max(net(images), 1)
+            total += labels.size(0)
+            correct += (predicted == labels).sum().item()
+    return {"train_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
+            "images_per_second": epochs * len(dataset) / (trained - started), "accuracy": correct / total,
+            "num_eval_samples": total, "torch_threads": torch.get_num_threads()}
+
+
+# ---- the bare step (in a child process) ----
+
+def child_bare_step(steps: int, warmup: int) -> dict:
+    """images/s of forward + backward + SGD on one ready batch: the ceiling for this model and batch."""
+    from dist_cifar.runtime import default_threads
+
+    torch.set_num_threads(default_threads(BATCH))  # the trainer's rule for CPU threads
+    torch.manual_seed(0)
+    net = TutorialNet(10)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+
+    def step():
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return {"images_per_second": BATCH * steps / (time.perf_counter() - started),
+            "torch_threads": torch.get_num_threads()}
+
+
+# ---- running a child and watching its memory (in the parent) ----
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (DataLoader workers, decode pools), from /proc."""
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += parents.get(p, [])
+    return tree
+
+
+def pss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1000
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def run_watched(cmd: list[str], log_path: Path, timeout: float = CHILD_TIMEOUT_SECONDS) -> dict:
+    """Run `cmd` to the end; its wall time from launch, peak RSS (wait4) and sampled peak PSS of its tree."""
+    load = os.getloadavg()[0]
+    launched = time.time()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    peak_pss, most_processes, next_sample = 0.0, 1, 0.0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        now = time.time()
+        if now >= next_sample:
+            tree = descendants(proc.pid)
+            peak_pss = max(peak_pss, sum(pss_mb(p) for p in tree))
+            most_processes, next_sample = max(most_processes, len(tree)), now + MEMORY_SAMPLE_SECONDS
+        if now - launched > timeout:
+            proc.kill()
+        time.sleep(0.02)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise BenchError(f"{' '.join(cmd[:6])} ... exited with {proc.returncode}; its log ends:\n{tail}")
+    return {"launched": launched, "wall_seconds": time.time() - launched, "peak_rss_mb": usage.ru_maxrss * 1024 / 1e6,
+            "peak_pss_all_mb": peak_pss, "processes": most_processes, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "load_average_1min": load}
+
+
+def run_child(kind: str, args, work: Path, tag: str, **options) -> dict:
+    """Run one of this module's child measurements in a fresh interpreter; its result merged with the watch."""
+    out = work / f"{tag}.json"
+    cmd = [sys.executable, "-m", "dist_cifar.bench", "--child", kind, "--child-out", str(out), "--data", str(args.data)]
+    for key, value in options.items():
+        cmd += [f"--{key}", str(value)]
+    watched = run_watched(cmd, work / f"{tag}.log")
+    return {**json.loads(out.read_text()), **watched}
+
+
+def run_trainer(config: Path, args, work: Path, tag: str, *overrides: str) -> tuple[dict, dict, list[dict]]:
+    """`python -m dist_cifar.train` on the data; returns the watch, results.json and metrics.jsonl."""
+    run_dir = work / tag
+    cmd = [sys.executable, "-m", "dist_cifar.train", "--config", str(config), "data.name=imagefolder",
+           f"data.root={args.data}", f"output_dir={run_dir}", "tracking.plots=false", *overrides]
+    watched = run_watched(cmd, work / f"{tag}.log")
+    results = json.loads((run_dir / "results.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return watched, results, metrics
+
+
+# ---- the measurements (in the parent; one child process each) ----
+
+def measure_tutorial(args, work: Path, tag: str) -> dict:
+    return run_child("tutorial", args, work, tag, steps=args.steps, warmup=args.warmup)
+
+
+def measure_dist_cifar(args, work: Path, tag: str) -> dict:
+    watched, results, _ = run_trainer(REPO / "configs" / "tutorial.yaml", args, work, tag, f"train.max_steps={args.steps}")
+    return {"images_per_second": results["train_images_per_second"], "train_seconds": results["train_seconds"],
+            "steps": results["steps"], "accuracy": results["accuracy"], **watched}
+
+
+def measure_bare(args, work: Path, tag: str) -> dict:
+    return run_child("bare", args, work, tag, steps=args.steps, warmup=args.warmup)
+
+
+def measure_time_to_accuracy(args, work: Path, tag: str) -> dict:
+    watched, results, metrics = run_trainer(args.tta_config, args, work, tag,
+                                            f"train.target_accuracy={args.target_accuracy}")
+    reached = next((m for m in metrics if (m["test_accuracy"] or 0) >= args.target_accuracy), None)
+    return {"seconds_to_target": reached["wall_time"] - watched["launched"] if reached else None,
+            "epochs_to_target": reached["epoch"] if reached else None, "accuracy": results["accuracy"], **watched}
+
+
+def measure_tutorial_epochs(args, work: Path, tag: str) -> dict:
+    return run_child("tutorial-epochs", args, work, tag, epochs=TUTORIAL_EPOCHS)
+
+
+def prepare_cache(data: Path) -> float:
+    """Decode the image folder into dist_cifar's cache once, so no timed run pays for it; seconds taken."""
+    from dist_cifar.config import load_config
+    from dist_cifar.data import load_dataset
+
+    started = time.perf_counter()
+    load_dataset(load_config(None, ["data.name=imagefolder", f"data.root={data}"]).data)
+    return time.perf_counter() - started
+
+
+# ---- medians, ratios, targets ----
+
+def spread(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = ("images_per_second", "peak_rss_mb", "peak_pss_all_mb", "wall_seconds", "seconds_to_target", "accuracy")
+    out = {}
+    for name in dict.fromkeys(r["measurement"] for r in runs):
+        mine = [r for r in runs if r["measurement"] == name]
+        out[name] = {k: spread([r.get(k) for r in mine]) for k in keys if any(k in r for r in mine)}
+    return out
+
+
+def median(summary: dict, name: str, key: str):
+    return (summary.get(name, {}).get(key) or {}).get("median")
+
+
+def ratios(summary: dict) -> dict:
+    dist, tut, bare = (median(summary, n, "images_per_second") for n in ("dist_cifar", "tutorial", "bare_step"))
+    return {"dist_cifar_over_tutorial": dist / tut, "dist_cifar_over_bare_step": dist / bare}
+
+
+def targets(summary: dict, ratio: dict) -> list[dict]:
+    tta, tutorial_wall = median(summary, "time_to_accuracy", "seconds_to_target"), median(
+        summary, "tutorial_2_epochs", "wall_seconds")
+    single = [s["peak_rss_mb"]["max"] for n, s in summary.items() if n in ("dist_cifar", "time_to_accuracy")]
+    rows = [("dist_cifar images/s / bare step images/s", ratio["dist_cifar_over_bare_step"], ">=", TARGET_VS_BARE),
+            ("time to target accuracy / tutorial 2-epoch wall time", tta / tutorial_wall if tta and tutorial_wall
+             else None, "<=", TARGET_TTA_FRACTION),
+            ("peak RSS MB of a single-process full-CIFAR dist_cifar run (max)", max(single), "<=", TARGET_PEAK_RSS_MB)]
+    return [{"target": name, "value": value, "limit": f"{op} {limit:g}",
+             "met": None if value is None else (value >= limit if op == ">=" else value <= limit)}
+            for name, value, op, limit in rows]
+
+
+def machine_info() -> dict:
+    from dist_cifar.runtime import versions
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((l.split(":", 1)[1].strip() for l in cpuinfo if l.startswith("model name")), platform.processor())
+    mem_kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+    return {"cpu_model": model, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "memory_gb": round(mem_kb * 1024 / 1e9, 1), "platform": platform.platform(), **versions()}
+
+
+# ---- the report ----
+
+def shown(s: dict | None, digits: int = 0) -> str:
+    if not s:
+        return "-"
+    if s["n"] == 1:
+        return f"{s['median']:.{digits}f}"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def table(result: dict) -> str:
+    m, st, s = result["machine"], result["settings"], result["summary"]
+    loads = [r["load_average_1min"] for r in result["runs"]]
+    lines = [f"### dist_cifar bench: {m['cpu_model']}, {m['usable_cores']} cores, torch {m['torch']}, "
+             f"accelerate {m['accelerate']}, {m['time']}",
+             f"{st['steps']} steps of batch {BATCH}; median (min-max) of {st['repeats']} interleaved runs; "
+             f"1-min load average at launches {min(loads):.1f}-{max(loads):.1f}", "",
+             "| measurement | images/s | peak RSS MB (largest process) | peak PSS MB (all processes) |",
+             "|---|---|---|---|"]
+    names = {"tutorial": "tutorial loop (JPEG ImageFolder, DataLoader 2 workers)",
+             "dist_cifar": "dist_cifar configs/tutorial.yaml", "bare_step": "bare step (one ready batch)"}
+    threads = {r["measurement"]: r.get("torch_threads") for r in result["runs"]}
+    for name, label in names.items():
+        t = f", {threads[name]} thread(s)" if threads.get(name) else ""
+        lines.append(f"| {label}{t} | {shown(s[name]['images_per_second'])} | {shown(s[name]['peak_rss_mb'])} "
+                     f"| {shown(s[name]['peak_pss_all_mb'])} |")
+    r = result["ratios"]
+    lines += ["", f"dist_cifar / tutorial: **{r['dist_cifar_over_tutorial']:.2f}x**; "
+                  f"dist_cifar / bare step: **{r['dist_cifar_over_bare_step']:.2f}**"]
+    if "time_to_accuracy" in s:
+        t, w = s["time_to_accuracy"], s["tutorial_2_epochs"]
+        lines += ["", "| run | wall s from launch | test accuracy | peak RSS MB |", "|---|---|---|---|",
+                  f"| {Path(st['tta_config']).name} to {100 * st['target_accuracy']:.0f} % | "
+                  f"{shown(t['seconds_to_target'], 1)} | {shown(t['accuracy'], 4)} | {shown(t['peak_rss_mb'])} |",
+                  f"| tutorial, {TUTORIAL_EPOCHS} epochs + 10k test | {shown(w['wall_seconds'], 1)} | "
+                  f"{shown(w['accuracy'], 4)} | {shown(w['peak_rss_mb'])} |"]
+    lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
+    for t in result["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['target']} | {value} | {t['limit']} | {met} |")
+    return "\n".join(lines)
+
+
+# ---- entry point ----
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="dist-cifar-bench", description=__doc__.splitlines()[0])
+    default_data = os.environ.get("DIST_CIFAR_DATA") or REPO.parent / "shared" / "data" / "cifar10-jpeg"
+    parser.add_argument("--data", type=Path, default=Path(default_data),
+                        help="image folder with train/<class>/ and test/<class>/ (default: $DIST_CIFAR_DATA or %(default)s)")
+    parser.add_argument("--steps", type=int, help="timed training steps of batch 4 per run (default 3000; 300 with --quick)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before the tutorial and bare-step timing (default 50)")
+    parser.add_argument("--repeats", type=int, help="runs of each measurement, interleaved (default 3; 1 with --quick)")
+    parser.add_argument("--time-to-accuracy", action="store_true",
+                        help="also time --tta-config to --target-accuracy and the tutorial's full 2 epochs")
+    parser.add_argument("--tta-config", type=Path, default=REPO / "configs" / "cpu_fast.yaml")
+    parser.add_argument("--target-accuracy", type=float, default=0.56)
+    parser.add_argument("--out", type=Path, help="JSON results (default bench-results/bench-<timestamp>.json)")
+    parser.add_argument("--quick", action="store_true", help="a short check: 300 steps, 20 warm-up, 1 repeat")
+    parser.add_argument("--child", choices=["tutorial", "tutorial-epochs", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=TUTORIAL_EPOCHS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (300 if args.quick else 3000)
+    args.warmup = args.warmup or (20 if args.quick else 50)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.data = args.data.expanduser().resolve()
+    return args
+
+
+def run_child_measurement(args) -> int:
+    """(in a child process) One measurement, written as JSON to --child-out."""
+    if args.child == "tutorial":
+        result = child_tutorial_steps(args.data, args.steps, args.warmup)
+    elif args.child == "tutorial-epochs":
+        result = child_tutorial_epochs(args.data, args.epochs)
+    else:
+        result = child_bare_step(args.steps, args.warmup)
+    args.child_out.write_text(json.dumps(result))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return run_child_measurement(args)
+    if not (args.data / "train").is_dir():
+        print(f"dist-cifar-bench: no image folder at {args.data} (pass --data DIR)", file=sys.stderr)
+        return 2
+    if args.time_to_accuracy and not args.tta_config.is_file():
+        print(f"dist-cifar-bench: --time-to-accuracy needs {args.tta_config} (or pass --tta-config)", file=sys.stderr)
+        return 2
+    out = args.out or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    measurements = {"tutorial": measure_tutorial, "dist_cifar": measure_dist_cifar, "bare_step": measure_bare}
+    if args.time_to_accuracy:
+        measurements.update(time_to_accuracy=measure_time_to_accuracy, tutorial_2_epochs=measure_tutorial_epochs)
+    settings = {"data": str(args.data), "steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats,
+                "batch_size": BATCH, "time_to_accuracy": args.time_to_accuracy, "tta_config": str(args.tta_config),
+                "target_accuracy": args.target_accuracy, "command": sys.argv}
+    print(f"dist-cifar-bench: preparing the decoded-image cache for {args.data}", flush=True)
+    settings["cache_seconds"] = prepare_cache(args.data)
+    runs = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="dist-cifar-bench-") as tmp:
+            for repeat in range(args.repeats):
+                for name, measure in measurements.items():
+                    print(f"dist-cifar-bench: run {repeat + 1}/{args.repeats}: {name}", flush=True)
+                    runs.append({"measurement": name, "repeat": repeat, **measure(args, Path(tmp), f"{name}-{repeat}")})
+    except BenchError as err:
+        print(f"dist-cifar-bench: {err}", file=sys.stderr)
+        return 1
+    summary = summarize(runs)
+    ratio = ratios(summary)
+    result = {"machine": machine_info(), "settings": settings, "summary": summary, "ratios": ratio,
+              "targets": targets(summary, ratio), "runs": runs}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(table(result))
+    print(f"\nresults in {out}")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
