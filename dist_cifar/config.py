@@ -39,8 +39,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tutorial_net"  # tutorial_net | resnet18 | fastnet
-    widths: list[int] = field(default_factory=lambda: [64, 256, 256])  # fastnet conv-group widths
+    name: str = "tutorial_net"  # tutorial_net | cpu_net | resnet18 | fastnet
+    widths: list[int] = field(default_factory=lambda: [64, 256, 256])  # fastnet conv-group / cpu_net stage widths
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     sync_batchnorm: bool = False  # GPU only: BatchNorm statistics over all ranks
@@ -134,7 +134,7 @@ class Config:
 CHOICES = {
     "data.name": ("cifar10", "imagefolder"),
     "data.pipeline": ("device", "loader"),
-    "model.name": ("tutorial_net", "resnet18", "fastnet"),
+    "model.name": ("tutorial_net", "cpu_net", "resnet18", "fastnet"),
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("constant", "linear", "cosine", "onecycle"),
     "train.mixed_precision": ("no", "fp16", "bf16", None),

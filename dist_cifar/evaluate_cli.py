@@ -59,7 +59,7 @@ def evaluate_checkpoint(args) -> dict:
     data = load_dataset(cfg.data, seed=cfg.seed)
     if data.classes != classes:
         raise DataError(f"{args.checkpoint} was trained on classes {classes}, but {data.source} has {data.classes}")
-    net = build_model(cfg.model, len(classes))
+    net = build_model(cfg.model, len(classes), cfg.data.image_size)
     try:
         net.load_state_dict(state)
     except RuntimeError as err:

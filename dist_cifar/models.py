@@ -1,4 +1,5 @@
-"""The networks: the tutorial's CNN, a ResNet-18 for 32x32 inputs, and a fast BatchNorm net."""
+"""The networks: the tutorial's CNN, a small BatchNorm net for CPUs, a ResNet-18 for 32x32 inputs, and a fast
+BatchNorm net for GPUs."""
 
 from __future__ import annotations
 
@@ -28,6 +29,26 @@ class TutorialNet(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+
+class CpuNet(nn.Module):
+    """Three (3x3 conv, BatchNorm, ReLU, 2x2 max-pool) stages and one linear layer: about as cheap per image as
+    TutorialNet on a CPU (widths 8/16/32: 0.8 M multiply-adds against 0.65 M), but BatchNorm lets it pass the
+    tutorial's 56 % after about half an epoch instead of two."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (8, 16, 32), image_size: int = 32):
+        super().__init__()
+        layers, channels = [], 3
+        for width in widths:
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        side = image_size // 2 ** len(widths)  # >= 1: the config allows 3 widths and images of 8+ pixels
+        self.head = nn.Linear(channels * side * side, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
 
 
 class BasicBlock(nn.Module):
@@ -130,9 +151,11 @@ class FastNet(nn.Module):
         return self.head(x) * self.scaling
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> nn.Module:
     if cfg.name == "tutorial_net":
         return TutorialNet(num_classes)
+    if cfg.name == "cpu_net":
+        return CpuNet(num_classes, widths=tuple(cfg.widths), image_size=image_size)
     if cfg.name == "resnet18":
         return ResNet18(num_classes)
     if cfg.name == "fastnet":

@@ -49,7 +49,7 @@ def load_model(path: str, device: str) -> tuple[torch.nn.Module, object, list[st
         cfg = from_dict(saved)
     except ConfigError as err:
         raise ckpt.CheckpointError(f"the config saved in {path} is not valid here: {err}") from None
-    net = build_model(cfg.model, len(classes))
+    net = build_model(cfg.model, len(classes), cfg.data.image_size)
     try:
         net.load_state_dict(state)
     except RuntimeError as err:

@@ -164,7 +164,7 @@ def train(cfg: Config, name: str = "run") -> int:
     if resumed:
         check_resumable(resume_from, resumed[2], cfg, classes, accelerator.num_processes)
     set_seed(cfg.seed)
-    net = build_model(cfg.model, len(classes))
+    net = build_model(cfg.model, len(classes), cfg.data.image_size)
     if hasattr(net, "init_whitening"):
         net.init_whitening(normalize(torch.from_numpy(np.array(data.train.images[:5000])), cfg.data.mean, cfg.data.std))
     if cfg.model.sync_batchnorm:
