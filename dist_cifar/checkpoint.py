@@ -202,7 +202,8 @@ def load_optimizer_state(optimizer, saved: dict, folder: Path) -> None:
 
 
 def prune(checkpoints_dir: Path, keep_last: int) -> None:
-    """(main process only) Keep the newest `keep_last` complete checkpoints and the most accurate one."""
+    """(main process only, after a save) Keep the newest `keep_last` complete checkpoints and the most accurate one;
+    remove the half-written folders of earlier, killed processes."""
     folders = [f for f in list_checkpoints(checkpoints_dir) if verify(f) is None]
     keep = set(folders[:keep_last])
     scored = []
@@ -215,6 +216,10 @@ def prune(checkpoints_dir: Path, keep_last: int) -> None:
     for f in folders:
         if f not in keep:
             shutil.rmtree(f, ignore_errors=True)
+    # Half-written folders of processes that died mid-save (the one writer of this run has just finished
+    # its own save, so any left are stale); they are never chosen for a resume, only taking space.
+    for stale in [*checkpoints_dir.glob(".tmp-*"), *checkpoints_dir.glob(".old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fault_point(point: str) -> None:

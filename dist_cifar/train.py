@@ -266,7 +266,7 @@ def train(cfg: Config, name: str = "run") -> int:
         while progress.epoch < cfg.train.epochs and progress.step < total_steps:
             epoch = progress.epoch
             loss_sum = torch.tensor(partial_loss, dtype=torch.float64, device=accelerator.device)
-            seen = torch.tensor(partial_seen, dtype=torch.int64, device=accelerator.device)
+            seen = partial_seen  # images this rank trained on this epoch: known on the host, no device op
             partial_loss, partial_seen = 0.0, 0
             bar.set_description(f"epoch {epoch + 1}/{cfg.train.epochs}")
             images_this_attempt = 0
@@ -287,8 +287,9 @@ def train(cfg: Config, name: str = "run") -> int:
                     if accelerator.sync_gradients:
                         scheduler.step()
                         freeze_groups(optimizer, epoch)
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().double() * len(y)  # stays on the device: no sync per step
+                        # the wrapped optimizer directly: Accelerate's zero_grad looks up its signature every call
+                        optimizer.optimizer.zero_grad(set_to_none=True)
+                loss_sum.add_(loss.detach(), alpha=len(y))  # one op, in float64, on the device: no sync per step
                 seen += len(y)
                 images_this_attempt += len(y) * world
                 progress.micro_step += 1
@@ -322,7 +323,7 @@ def train(cfg: Config, name: str = "run") -> int:
             progress.train_seconds += seconds
 
             # ---- end of epoch (all ranks): reduce the loss once, evaluate, log, checkpoint ----
-            totals = accelerator.reduce(torch.stack([loss_sum, seen.double()]), reduction="sum")
+            totals = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(seen))]), reduction="sum")
             last_epoch = progress.epoch + 1 >= cfg.train.epochs or progress.step >= total_steps
             every = cfg.train.eval_every_epochs
             test_accuracy = None

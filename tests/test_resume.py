@@ -166,6 +166,7 @@ def test_sigkill_anywhere_and_during_a_save_then_resume_is_exact(reference_2p, d
     result = run_train(args, nprocs=2, timeout=180)
     assert result.returncode == 0, tail(result.stdout)
     resume_is_sound(result.stdout)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the half-written checkpoint was left behind"
     assert_same_run(run_dir, reference_2p)
 
 
