@@ -162,3 +162,39 @@ def test_show_data_writes_a_grid(data_args, tmp_path):
     bad = command("dist_cifar.show_data", "--config", "configs/smoke.yaml", "data.nmae=x", "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "unknown config key 'data.nmae'" in bad.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+# ---- dist-cifar-sweep and the image pack (the commands behind the README's Results) ----
+
+def test_sweep_reports_mean_and_spread_of_its_seeds(data_args, tmp_path):
+    out = tmp_path / "sweep"
+    proc = command("dist_cifar.sweep", "--config", "configs/smoke.yaml", "--seeds", "0,3", "--out", out,
+                   *data_args, "data.train_subset=500", "tracking.plots=false", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 3]
+    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 3)]
+    accs = [r["accuracy"] for r in runs]
+    assert [r["seed"] for r in runs] == [0, 3] and accs[0] != accs[1]  # the seed reached the runs
+    assert summary["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert summary["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert (summary["accuracy"]["min"], summary["accuracy"]["max"]) == (min(accs), max(accs))
+    assert "±" in proc.stdout
+    again = command("dist_cifar.sweep", "--config", "configs/smoke.yaml", "--seeds", "0", "--out", out, *data_args)
+    assert again.returncode != 0 and str(out) in again.stderr  # an earlier sweep is never overwritten
+
+
+def test_image_pack_round_trips_every_file(data_root, tmp_path):
+    src = tmp_path / "src"
+    for split, cls in (("train", "cat"), ("train", "dog"), ("test", "cat")):
+        (src / split / cls).mkdir(parents=True)
+        for path in sorted((data_root / split / cls).iterdir())[:3]:
+            shutil.copy(path, src / split / cls / path.name)
+    pack = tmp_path / "pack.npz"
+    script = str(REPO / "launch" / "pack_images.py")
+    assert subprocess.run([sys.executable, script, str(src), str(pack)], capture_output=True).returncode == 0
+    dest = tmp_path / "dest"
+    assert subprocess.run([sys.executable, script, "--unpack", str(pack), str(dest)], capture_output=True).returncode == 0
+    files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    assert len(files) == 9 and files == sorted(p.relative_to(dest) for p in dest.rglob("*") if p.is_file())
+    assert all((src / f).read_bytes() == (dest / f).read_bytes() for f in files)

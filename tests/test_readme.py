@@ -2,7 +2,7 @@
 
 The commands themselves run elsewhere: training under each launcher (test_distributed, test_slurm),
 evaluate/predict/show-data (test_commands), the benchmark (test_bench), resume (test_resume);
-.ci/run runs `bash tests/run.sh` and the quick start.
+.ci/run runs `bash tests/run.sh`, then the quick start and a prediction.
 """
 
 import re
