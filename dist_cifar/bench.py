@@ -1,21 +1,36 @@
 """Benchmark: dist_cifar against the PyTorch tutorial's own loop and the bare model step, side by side.
 
-`python -m dist_cifar.bench [--steps 3000] [--repeats 3] [--time-to-accuracy] [--out FILE] [--quick]`
+`python -m dist_cifar.bench [--steps 3000] [--repeats 3] [--time-to-accuracy] [--imagefolder-baseline] [--out FILE] [--quick]`
 
 Every measurement runs in its own child process, so each one pays its own start-up and has its own
 peak memory; the measurements are interleaved (A, B, C, A, B, C, ...) so a busy machine slows them
 alike, and each is reported as the median of its repeats with the min and max beside it.
 
 What each rate includes:
-- tutorial: the tutorial's loop (ImageFolder JPEGs, ToTensor + Normalize, DataLoader batch 4, shuffled,
-  2 workers, loss.item() every step, torch's default thread count). Timed from the end of step
-  --warmup to the end of the last step: worker start-up and the first batches are excluded
-  (`images_per_second_with_startup` counts them too). Its periodic loss print is left out.
+- tutorial: the tutorial's loop as the tutorial runs it on torchvision.datasets.CIFAR10: the decoded
+  uint8 images held in memory (`TutorialCIFAR10`, whose `.data`, `.targets` and `__getitem__`
+  (Image.fromarray + transform) are torchvision CIFAR10's), ToTensor + Normalize(0.5, 0.5), DataLoader
+  batch 4, shuffled, 2 workers, the tutorial's Net, SGD lr 0.001 momentum 0.9, loss.item() every
+  step, torch's default thread count. The arrays come from dist_cifar's decoded-image cache
+  (dist_cifar.data.load_dataset), as torchvision's CIFAR10 loads its decoded pickles once. Timed from
+  the end of step --warmup to the end of the last step: building the dataset, worker start-up and
+  the first batches are excluded (`images_per_second_with_startup` counts the loader's start-up and
+  first batches, not the dataset's construction, which `dataset_seconds` reports). Its periodic loss
+  print is left out.
+- tutorial_imagefolder (only with --imagefolder-baseline; NOT the tutorial and in no ratio or
+  target): the same loop on torchvision.datasets.ImageFolder over the JPEG files, which decodes every
+  image every epoch: the baseline this benchmark used before, kept to show what the decoding cost.
 - dist_cifar: `train_images_per_second` from results.json of `python -m dist_cifar.train --config
   configs/tutorial.yaml train.max_steps=N`: the training loop only, its first step included; data
   loading, evaluation and checkpoints are outside it.
 - bare step: forward + backward + SGD step on one batch already in memory, with the thread count
   the trainer uses for batch 4; timed after --warmup steps. The ceiling for this model and batch.
+With --time-to-accuracy, both sides are timed from the moment the parent launches the process, so
+both pay interpreter start-up, imports and loading the decoded images from the same cache:
+- time_to_accuracy: --tta-config until the first evaluation at or above --target-accuracy
+  (its metrics.jsonl wall time minus the launch time);
+- tutorial_2_epochs: the tutorial script from launch to exit: building its two datasets (the
+  counterpart of torchvision's CIFAR10 constructors), 2 epochs, accuracy on the 10,000 test images.
 Peak memory: `peak_rss_mb` is the kernel's peak RSS of the largest process of the child's tree
 (wait4); `peak_pss_all_mb` is the peak of the summed PSS of the child and its children (DataLoader
 workers), sampled every 0.5 s, so pages the workers share with the main process count once.
@@ -34,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,17 +72,91 @@ class BenchError(RuntimeError):
 
 # ---- the tutorial's loop (in a child process) ----
 
-def tutorial_parts(data: Path, split: str):
-    """The tutorial's dataset and network, optimizer and loss, on an image folder instead of torchvision's CIFAR10."""
-    import torchvision
+def _tutorial_cifar10_class():
+    """TutorialCIFAR10, built on first use so that the runs that don't need torchvision (the bare step)
+    don't import it (importing torchvision adds about 170 MB to a process's peak RSS here)."""
+    from PIL import Image
+    from torchvision.datasets import VisionDataset
+
+    class TutorialCIFAR10(VisionDataset):
+        """torchvision.datasets.CIFAR10 holding given decoded arrays instead of reading its pickles.
+
+        `.data` is N x H x W x 3 uint8 laid out as CIFAR10 lays it out (a channels-first array seen through
+        a transpose), `.targets` a list of ints, and `__getitem__` is CIFAR10's line for line: the array
+        to a PIL image, then the transforms.
+        """
+
+        def __init__(self, root, images: np.ndarray, labels, classes: list[str], transform=None,
+                     target_transform=None):
+            super().__init__(str(root), transform=transform, target_transform=target_transform)
+            # CIFAR10: np.vstack(batches).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1)), in memory
+            self.data = np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+            self.targets = [int(t) for t in labels]
+            self.classes = list(classes)
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+        def __getitem__(self, index: int):
+            img, target = self.data[index], self.targets[index]
+            img = Image.fromarray(img)
+            if self.transform is not None:
+                img = self.transform(img)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return img, target
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+    TutorialCIFAR10.__module__, TutorialCIFAR10.__qualname__ = __name__, "TutorialCIFAR10"  # picklable by name
+    return TutorialCIFAR10
+
+
+def __getattr__(name: str):
+    """`bench.TutorialCIFAR10`, made once on first use."""
+    if name == "TutorialCIFAR10":
+        if name not in globals():
+            globals()[name] = _tutorial_cifar10_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def tutorial_transform():
     import torchvision.transforms as transforms
 
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    dataset = torchvision.datasets.ImageFolder(str(data / split), transform=transform)
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+
+
+def tutorial_datasets(data: Path, source: str = "cifar10", splits=("train", "test")) -> list:
+    """The tutorial's datasets for `splits`: "cifar10" (decoded arrays in memory, as torchvision's CIFAR10)
+    or "imagefolder" (torchvision's ImageFolder over the JPEG files: a decode per image per epoch)."""
+    import torchvision
+
+    if source == "imagefolder":
+        return [torchvision.datasets.ImageFolder(str(data / split), transform=tutorial_transform()) for split in splits]
+    from dist_cifar.data import load_dataset
+
+    decoded = load_dataset(decoded_cache_config(data))
+    dataset_class = __getattr__("TutorialCIFAR10")
+    return [dataset_class(data, getattr(decoded, split).images, getattr(decoded, split).labels, decoded.classes,
+                            transform=tutorial_transform()) for split in splits]
+
+
+def decoded_cache_config(data: Path):
+    """The data config whose cache the benchmark decodes once and every run then reads."""
+    from dist_cifar.config import load_config
+
+    return load_config(None, ["data.name=imagefolder", f"data.root={data}"]).data
+
+
+def tutorial_parts(data: Path, source: str = "cifar10"):
+    """The tutorial's training set, network, optimizer and loss; seconds taken to build the dataset."""
+    started = time.perf_counter()
+    (dataset,) = tutorial_datasets(data, source, ("train",))
+    built = time.perf_counter() - started
     net = TutorialNet(len(dataset.classes))
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-    return dataset, net, criterion, optimizer
+    return dataset, net, criterion, optimizer, built
 
 
 def tutorial_loader(dataset, shuffle: bool):
@@ -82,9 +172,9 @@ def tutorial_step(net, criterion, optimizer, inputs, labels) -> float:
     return loss.item()
 
 
-def child_tutorial_steps(data: Path, steps: int, warmup: int) -> dict:
+def child_tutorial_steps(data: Path, steps: int, warmup: int, source: str = "cifar10") -> dict:
     """images/s of the tutorial's loop over `steps` steps after `warmup` untimed ones."""
-    dataset, net, criterion, optimizer = tutorial_parts(data, "train")
+    dataset, net, criterion, optimizer, dataset_seconds = tutorial_parts(data, source)
     loader = tutorial_loader(dataset, shuffle=True)
     total = warmup + steps
     done, running_loss = 0, 0.0
@@ -100,14 +190,21 @@ def child_tutorial_steps(data: Path, steps: int, warmup: int) -> dict:
     ended = time.perf_counter()
     return {"images_per_second": BATCH * steps / (ended - timed_from),
             "images_per_second_with_startup": BATCH * total / (ended - started),
-            "mean_loss": running_loss / total, "torch_threads": torch.get_num_threads()}
+            "mean_loss": running_loss / total, "torch_threads": torch.get_num_threads(),
+            "dataset": type(dataset).__name__, "dataset_size": len(dataset), "dataset_seconds": dataset_seconds}
 
 
-def child_tutorial_epochs(data: Path, epochs: int) -> dict:
-    """The whole tutorial: `epochs` epochs, then accuracy on every test image."""
-    dataset, net, criterion, optimizer = tutorial_parts(data, "train")
+def child_tutorial_epochs(data: Path, epochs: int, source: str = "cifar10") -> dict:
+    """The whole tutorial: `epochs` epochs, then accuracy on every test image. The process's wall time
+    (measured by the parent from launch to exit) is what the time-to-accuracy comparison uses."""
+    building = time.perf_counter()
+    dataset, testset = tutorial_datasets(data, source)
+    dataset_seconds = time.perf_counter() - building
+    net = TutorialNet(len(dataset.classes))
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     trainloader = tutorial_loader(dataset, shuffle=True)
-    testloader = tutorial_loader(tutorial_parts(data, "test")[0], shuffle=False)
+    testloader = tutorial_loader(testset, shuffle=False)
     started = time.perf_counter()
     for _ in range(epochs):
         for inputs, labels in trainloader:
@@ -121,7 +218,8 @@ def child_tutorial_epochs(data: Path, epochs: int) -> dict:
             correct += (predicted == labels).sum().item()
     return {"train_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
             "images_per_second": epochs * len(dataset) / (trained - started), "accuracy": correct / total,
-            "num_eval_samples": total, "torch_threads": torch.get_num_threads()}
+            "num_eval_samples": total, "torch_threads": torch.get_num_threads(),
+            "dataset": type(dataset).__name__, "dataset_size": len(dataset), "dataset_seconds": dataset_seconds}
 
 
 # ---- the bare step (in a child process) ----
@@ -233,7 +331,11 @@ def run_trainer(config: Path, args, work: Path, tag: str, *overrides: str) -> tu
 # ---- the measurements (in the parent; one child process each) ----
 
 def measure_tutorial(args, work: Path, tag: str) -> dict:
-    return run_child("tutorial", args, work, tag, steps=args.steps, warmup=args.warmup)
+    return run_child("tutorial", args, work, tag, steps=args.steps, warmup=args.warmup, source="cifar10")
+
+
+def measure_tutorial_imagefolder(args, work: Path, tag: str) -> dict:
+    return run_child("tutorial", args, work, tag, steps=args.steps, warmup=args.warmup, source="imagefolder")
 
 
 def measure_dist_cifar(args, work: Path, tag: str) -> dict:
@@ -255,16 +357,19 @@ def measure_time_to_accuracy(args, work: Path, tag: str) -> dict:
 
 
 def measure_tutorial_epochs(args, work: Path, tag: str) -> dict:
-    return run_child("tutorial-epochs", args, work, tag, epochs=TUTORIAL_EPOCHS)
+    return run_child("tutorial-epochs", args, work, tag, epochs=TUTORIAL_EPOCHS, source="cifar10")
+
+
+def measure_tutorial_imagefolder_epochs(args, work: Path, tag: str) -> dict:
+    return run_child("tutorial-epochs", args, work, tag, epochs=TUTORIAL_EPOCHS, source="imagefolder")
 
 
 def prepare_cache(data: Path) -> float:
     """Decode the image folder into dist_cifar's cache once, so no timed run pays for it; seconds taken."""
-    from dist_cifar.config import load_config
     from dist_cifar.data import load_dataset
 
     started = time.perf_counter()
-    load_dataset(load_config(None, ["data.name=imagefolder", f"data.root={data}"]).data)
+    load_dataset(decoded_cache_config(data))
     return time.perf_counter() - started
 
 
@@ -278,7 +383,8 @@ def spread(values: list) -> dict | None:
 
 
 def summarize(runs: list[dict]) -> dict:
-    keys = ("images_per_second", "peak_rss_mb", "peak_pss_all_mb", "wall_seconds", "seconds_to_target", "accuracy")
+    keys = ("images_per_second", "peak_rss_mb", "peak_pss_all_mb", "wall_seconds", "seconds_to_target", "accuracy",
+            "dataset_seconds")
     out = {}
     for name in dict.fromkeys(r["measurement"] for r in runs):
         mine = [r for r in runs if r["measurement"] == name]
@@ -291,8 +397,23 @@ def median(summary: dict, name: str, key: str):
 
 
 def ratios(summary: dict) -> dict:
+    """The headline ratios, of medians: the tutorial is the in-memory loop (never the ImageFolder one)."""
     dist, tut, bare = (median(summary, n, "images_per_second") for n in ("dist_cifar", "tutorial", "bare_step"))
     return {"dist_cifar_over_tutorial": dist / tut, "dist_cifar_over_bare_step": dist / bare}
+
+
+def imagefolder_comparison(summary: dict) -> dict | None:
+    """(--imagefolder-baseline) How the old ImageFolder loop compares with the tutorial's in-memory one."""
+    if "tutorial_imagefolder" not in summary:
+        return None
+    out = {"tutorial_over_tutorial_imagefolder_images_per_second":
+           median(summary, "tutorial", "images_per_second") / median(summary, "tutorial_imagefolder", "images_per_second")}
+    epochs = median(summary, "tutorial_imagefolder_2_epochs", "wall_seconds")
+    tta = median(summary, "time_to_accuracy", "seconds_to_target")
+    if epochs:
+        out["tutorial_imagefolder_2_epochs_wall_seconds"] = epochs
+        out["time_to_target_over_tutorial_imagefolder_2_epochs"] = tta / epochs if tta else None
+    return out
 
 
 def targets(summary: dict, ratio: dict) -> list[dict]:
@@ -337,10 +458,13 @@ def table(result: dict) -> str:
              f"1-min load average at launches {min(loads):.1f}-{max(loads):.1f}", "",
              "| measurement | images/s | peak RSS MB (largest process) | peak PSS MB (all processes) |",
              "|---|---|---|---|"]
-    names = {"tutorial": "tutorial loop (JPEG ImageFolder, DataLoader 2 workers)",
+    names = {"tutorial": "tutorial loop (CIFAR10-style uint8 arrays in memory, DataLoader 2 workers)",
+             "tutorial_imagefolder": "not the tutorial: same loop on ImageFolder JPEGs, decoded every epoch (no ratio)",
              "dist_cifar": "dist_cifar configs/tutorial.yaml", "bare_step": "bare step (one ready batch)"}
     threads = {r["measurement"]: r.get("torch_threads") for r in result["runs"]}
     for name, label in names.items():
+        if name not in s:
+            continue
         t = f", {threads[name]} thread(s)" if threads.get(name) else ""
         lines.append(f"| {label}{t} | {shown(s[name]['images_per_second'])} | {shown(s[name]['peak_rss_mb'])} "
                      f"| {shown(s[name]['peak_pss_all_mb'])} |")
@@ -354,6 +478,17 @@ def table(result: dict) -> str:
                   f"{shown(t['seconds_to_target'], 1)} | {shown(t['accuracy'], 4)} | {shown(t['peak_rss_mb'])} |",
                   f"| tutorial, {TUTORIAL_EPOCHS} epochs + 10k test | {shown(w['wall_seconds'], 1)} | "
                   f"{shown(w['accuracy'], 4)} | {shown(w['peak_rss_mb'])} |"]
+        if "tutorial_imagefolder_2_epochs" in s:
+            w = s["tutorial_imagefolder_2_epochs"]
+            lines.append(f"| not the tutorial: ImageFolder loop, {TUTORIAL_EPOCHS} epochs + 10k test (no target) | "
+                         f"{shown(w['wall_seconds'], 1)} | {shown(w['accuracy'], 4)} | {shown(w['peak_rss_mb'])} |")
+    if result.get("imagefolder_comparison"):
+        c = result["imagefolder_comparison"]
+        lines += ["", f"tutorial (in memory) / ImageFolder loop, images/s: "
+                      f"{c['tutorial_over_tutorial_imagefolder_images_per_second']:.2f}x"]
+        if c.get("time_to_target_over_tutorial_imagefolder_2_epochs"):
+            lines[-1] += (f"; time to target / ImageFolder loop's 2-epoch wall time: "
+                          f"{c['time_to_target_over_tutorial_imagefolder_2_epochs']:.3f}")
     lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
     for t in result["targets"]:
         value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
@@ -377,8 +512,12 @@ def parse_args(argv=None):
     parser.add_argument("--tta-config", type=Path, default=REPO / "configs" / "cpu_fast.yaml")
     parser.add_argument("--target-accuracy", type=float, default=0.56)
     parser.add_argument("--out", type=Path, help="JSON results (default bench-results/bench-<timestamp>.json)")
+    parser.add_argument("--imagefolder-baseline", action="store_true",
+                        help="also run the tutorial's loop on ImageFolder JPEGs (decoded every epoch), labelled "
+                             "tutorial_imagefolder and kept out of the ratios and targets")
     parser.add_argument("--quick", action="store_true", help="a short check: 300 steps, 20 warm-up, 1 repeat")
     parser.add_argument("--child", choices=["tutorial", "tutorial-epochs", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--source", choices=["cifar10", "imagefolder"], default="cifar10", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=TUTORIAL_EPOCHS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -392,9 +531,9 @@ def parse_args(argv=None):
 def run_child_measurement(args) -> int:
     """(in a child process) One measurement, written as JSON to --child-out."""
     if args.child == "tutorial":
-        result = child_tutorial_steps(args.data, args.steps, args.warmup)
+        result = child_tutorial_steps(args.data, args.steps, args.warmup, args.source)
     elif args.child == "tutorial-epochs":
-        result = child_tutorial_epochs(args.data, args.epochs)
+        result = child_tutorial_epochs(args.data, args.epochs, args.source)
     else:
         result = child_bare_step(args.steps, args.warmup)
     args.child_out.write_text(json.dumps(result))
@@ -412,12 +551,19 @@ def main(argv=None) -> int:
         print(f"dist-cifar-bench: --time-to-accuracy needs {args.tta_config} (or pass --tta-config)", file=sys.stderr)
         return 2
     out = args.out or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    measurements = {"tutorial": measure_tutorial, "dist_cifar": measure_dist_cifar, "bare_step": measure_bare}
+    measurements = {"tutorial": measure_tutorial}
+    if args.imagefolder_baseline:
+        measurements["tutorial_imagefolder"] = measure_tutorial_imagefolder
+    measurements.update(dist_cifar=measure_dist_cifar, bare_step=measure_bare)
     if args.time_to_accuracy:
         measurements.update(time_to_accuracy=measure_time_to_accuracy, tutorial_2_epochs=measure_tutorial_epochs)
+        if args.imagefolder_baseline:
+            measurements["tutorial_imagefolder_2_epochs"] = measure_tutorial_imagefolder_epochs
     settings = {"data": str(args.data), "steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats,
                 "batch_size": BATCH, "time_to_accuracy": args.time_to_accuracy, "tta_config": str(args.tta_config),
-                "target_accuracy": args.target_accuracy, "command": sys.argv}
+                "target_accuracy": args.target_accuracy, "imagefolder_baseline": args.imagefolder_baseline,
+                "tutorial_dataset": "TutorialCIFAR10 (torchvision CIFAR10's data layout and __getitem__, "
+                                    "arrays from dist_cifar's decoded cache)", "command": sys.argv}
     print(f"dist-cifar-bench: preparing the decoded-image cache for {args.data}", flush=True)
     settings["cache_seconds"] = prepare_cache(args.data)
     runs = []
@@ -433,7 +579,7 @@ def main(argv=None) -> int:
     summary = summarize(runs)
     ratio = ratios(summary)
     result = {"machine": machine_info(), "settings": settings, "summary": summary, "ratios": ratio,
-              "targets": targets(summary, ratio), "runs": runs}
+              "targets": targets(summary, ratio), "imagefolder_comparison": imagefolder_comparison(summary), "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(table(result))

@@ -1,53 +1,155 @@
-"""dist_cifar.bench end to end: a quick real run on the shared CIFAR-10 JPEGs, with a fresh decoded-image cache."""
+"""dist_cifar.bench: the tutorial baseline is torchvision's CIFAR10 loop, the ratios use it, and a quick
+real run on the shared CIFAR-10 JPEGs writes the documented JSON."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from dist_cifar import bench
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("DIST_CIFAR_TEST_DATA", REPO.parent / "shared" / "data" / "cifar10-jpeg")).resolve()
-RATES = ("tutorial", "dist_cifar", "bare_step")
 
 
-@pytest.mark.skipif(not (DATA / "train").is_dir(), reason=f"no CIFAR-10 image folder at {DATA}")
-def test_quick_bench_measures_three_rates_ratios_and_memory(tmp_path):
+def write_fake_cifar10(root: Path, rng: np.random.Generator, per_batch: int = 6, test: int = 5) -> None:
+    """A tiny cifar-10-batches-py in torchvision's format: pickled dicts of N x 3072 uint8 rows
+    (channel-major) and label lists, five training batches, one test batch and batches.meta."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n)], "batch_label": name}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_tutorial_dataset_gives_what_torchvision_cifar10_gives(tmp_path, monkeypatch, train):
+    """The same decoded arrays through torchvision.datasets.CIFAR10 and through the benchmark's
+    TutorialCIFAR10: same layout in memory, same targets, same tensors item by item and batch by batch."""
+    import torchvision
+    import torchvision.datasets.cifar as cifar
+
+    write_fake_cifar10(tmp_path, np.random.default_rng(0))
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # the fake files' md5s differ
+    theirs = torchvision.datasets.CIFAR10(str(tmp_path), train=train, transform=bench.tutorial_transform())
+    # what dist_cifar's decoded cache holds: contiguous N x 32 x 32 x 3 uint8 and int64 labels
+    images, labels = np.ascontiguousarray(theirs.data), np.asarray(theirs.targets, np.int64)
+    ours = bench.TutorialCIFAR10(tmp_path, images, labels, theirs.classes, transform=bench.tutorial_transform())
+
+    assert isinstance(ours, torchvision.datasets.VisionDataset)
+    assert len(ours) == len(theirs) == (30 if train else 5)
+    assert ours.data.dtype == np.uint8 and ours.data.shape == theirs.data.shape
+    assert ours.data.strides == theirs.data.strides  # channel-major underneath, as CIFAR10 keeps it
+    assert np.array_equal(ours.data, theirs.data)
+    assert ours.targets == theirs.targets and all(type(t) is int for t in ours.targets)
+    assert ours.class_to_idx == theirs.class_to_idx
+    for i in range(len(theirs)):
+        (x, y), (tx, ty) = ours[i], theirs[i]
+        assert type(y) is type(ty) and y == ty
+        assert x.dtype == tx.dtype == torch.float32 and torch.equal(x, tx), i
+        assert x.min() >= -1 and x.max() <= 1
+    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=bench.BATCH, shuffle=False)  # noqa: E731
+    for (x, y), (tx, ty) in zip(loader(ours), loader(theirs), strict=True):
+        assert torch.equal(x, tx) and torch.equal(y, ty) and y.dtype == ty.dtype == torch.int64
+
+
+def test_tutorial_dataset_from_the_cache_holds_the_jpeg_images(data_args, data_root):
+    """The in-memory tutorial set built from dist_cifar's decoded cache has the same images and labels,
+    in the same order, as torchvision's ImageFolder decoding the JPEG files (the old baseline)."""
+    ours_train, ours_test = bench.tutorial_datasets(data_root)
+    folder_train, folder_test = bench.tutorial_datasets(data_root, "imagefolder")
+    assert type(ours_train).__name__ == "TutorialCIFAR10" and type(folder_train).__name__ == "ImageFolder"
+    assert (len(ours_train), len(ours_test)) == (len(folder_train), len(folder_test)) == (50000, 10000)
+    assert ours_train.classes == folder_train.classes and len(ours_train.classes) == 10
+    assert not isinstance(ours_train.data, np.memmap)  # held in the process's memory, as CIFAR10's arrays
+    pick = random.Random(0)
+    for ours, folder in ((ours_train, folder_train), (ours_test, folder_test)):
+        for i in pick.sample(range(len(ours)), 25) + [0, len(ours) - 1]:
+            (x, y), (fx, fy) = ours[i], folder[i]
+            assert y == fy and torch.equal(x, fx), (i, folder.samples[i][0])
+
+
+def summary_of(**medians) -> dict:
+    """A bench summary holding the given medians, e.g. tutorial__images_per_second=300."""
+    out: dict = {}
+    for key, value in medians.items():
+        name, field = key.split("__")
+        out.setdefault(name, {})[field] = {"median": value, "min": value, "max": value, "n": 1}
+    out.setdefault("dist_cifar", {})["peak_rss_mb"] = {"median": 900, "min": 900, "max": 1200, "n": 3}
+    return out
+
+
+def test_ratios_and_targets_use_the_in_memory_tutorial_and_the_right_limits():
+    summary = summary_of(tutorial__images_per_second=300, tutorial_imagefolder__images_per_second=100,
+                         dist_cifar__images_per_second=900, bare_step__images_per_second=1000,
+                         time_to_accuracy__seconds_to_target=10.0, time_to_accuracy__peak_rss_mb=1100,
+                         tutorial_2_epochs__wall_seconds=200.0,
+                         tutorial_imagefolder_2_epochs__wall_seconds=400.0)
+    ratio = bench.ratios(summary)
+    assert ratio == {"dist_cifar_over_tutorial": pytest.approx(3.0), "dist_cifar_over_bare_step": pytest.approx(0.9)}
+    met = {t["target"].split()[0]: t for t in bench.targets(summary, ratio)}
+    assert met["dist_cifar"]["met"] is True  # 0.9 is enough
+    assert met["time"]["value"] == pytest.approx(0.05) and met["time"]["met"] is True  # against the in-memory loop
+    assert met["peak"]["value"] == 1200 and met["peak"]["met"] is True  # the largest of the runs
+    other = bench.imagefolder_comparison(summary)
+    assert other["tutorial_over_tutorial_imagefolder_images_per_second"] == pytest.approx(3.0)
+    assert other["time_to_target_over_tutorial_imagefolder_2_epochs"] == pytest.approx(0.025)
+
+    slower = summary_of(tutorial__images_per_second=300, dist_cifar__images_per_second=899,
+                        bare_step__images_per_second=1000, time_to_accuracy__seconds_to_target=10.1,
+                        time_to_accuracy__peak_rss_mb=1600,
+                        tutorial_2_epochs__wall_seconds=200.0)
+    met = {t["target"].split()[0]: t["met"] for t in bench.targets(slower, bench.ratios(slower))}
+    assert met == {"dist_cifar": False, "time": False, "peak": False}  # 1600 MB > 1500
+    assert bench.imagefolder_comparison(slower) is None
+
+
+def test_quick_bench_writes_the_documented_json(tmp_path, data_args, data_root, cache_dir):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, DIST_CIFAR_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "dist_cifar.bench", "--quick", "--steps", "200",
-                           "--data", str(DATA), "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "dist_cifar.bench", "--quick", "--steps", "100",
+                           "--imagefolder-baseline", "--data", str(data_root), "--out", str(out)],
+                          cwd=tmp_path, env=dict(os.environ, DIST_CIFAR_CACHE=str(cache_dir)),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
 
-    # one run of each measurement, in the interleaved order, each in its own process
-    assert [r["measurement"] for r in result["runs"]] == list(RATES)
-    assert result["settings"]["steps"] == 200 and result["settings"]["repeats"] == 1
-    dist_run = result["runs"][1]
-    assert dist_run["steps"] == 200
-    rates = {name: result["summary"][name]["images_per_second"]["median"] for name in RATES}
-    assert all(rate > 0 for rate in rates.values()), rates
+    # the documented keys: the in-memory tutorial's median rate and the headline ratios
+    tutorial_rate = result["summary"]["tutorial"]["images_per_second"]["median"]
+    assert 0 < tutorial_rate < math.inf
+    assert set(result["ratios"]) == {"dist_cifar_over_tutorial", "dist_cifar_over_bare_step"}
+    assert all(0 < v < math.inf for v in result["ratios"].values()), result["ratios"]
 
-    ratios = result["ratios"]
-    assert ratios["dist_cifar_over_tutorial"] == pytest.approx(rates["dist_cifar"] / rates["tutorial"])
-    assert ratios["dist_cifar_over_bare_step"] == pytest.approx(rates["dist_cifar"] / rates["bare_step"])
-
+    runs = {r["measurement"]: r for r in result["runs"]}
+    assert [r["measurement"] for r in result["runs"]] == ["tutorial", "tutorial_imagefolder", "dist_cifar", "bare_step"]
+    tutorial, folder = runs["tutorial"], runs["tutorial_imagefolder"]
+    assert (tutorial["dataset"], tutorial["dataset_size"]) == ("TutorialCIFAR10", 50000)
+    assert (folder["dataset"], folder["dataset_size"]) == ("ImageFolder", 50000)
+    assert tutorial["images_per_second"] == tutorial_rate  # the one run is the median
+    for run in (tutorial, folder):
+        assert run["processes"] >= 3, "the tutorial's 2 DataLoader workers were not seen"
+        assert 1.0 < run["mean_loss"] < 3.0, run  # ln(10) = 2.30 at the start: real labels, finite loss
+    assert runs["dist_cifar"]["steps"] == 100
+    assert runs["bare_step"]["torch_threads"] == 1  # the trainer's thread count for batch 4
     for run in result["runs"]:
-        assert run["peak_rss_mb"] > 0 and run["peak_pss_all_mb"] > 0, run
-        assert run["wall_seconds"] > 0 and run["cpu_seconds"] > 0, run
-    assert result["runs"][0]["processes"] >= 3, "the tutorial's 2 DataLoader workers were not seen"
-    assert result["runs"][2]["torch_threads"] == 1  # the trainer's thread count for batch 4
-
+        assert run["peak_rss_mb"] > 100 and run["peak_pss_all_mb"] > 50, run
+        assert 0 < run["cpu_seconds"] and 0 < run["wall_seconds"] < 600, run
     targets = {t["target"].split()[0]: t for t in result["targets"]}
-    assert targets["dist_cifar"]["value"] == pytest.approx(ratios["dist_cifar_over_bare_step"])
-    assert targets["time"]["met"] is None  # no --time-to-accuracy: not measured
-    assert targets["peak"]["value"] == pytest.approx(dist_run["peak_rss_mb"])
+    assert targets["time"]["met"] is None and targets["time"]["value"] is None  # no --time-to-accuracy
+    assert result["imagefolder_comparison"]["tutorial_over_tutorial_imagefolder_images_per_second"] > 0
 
-    assert result["machine"]["cpu_model"] and result["machine"]["torch"]
-    assert "| dist_cifar configs/tutorial.yaml" in proc.stdout
-    assert (tmp_path / "cache").is_dir()  # the decoded images went to DIST_CIFAR_CACHE
+    assert "| tutorial loop (CIFAR10-style uint8 arrays in memory" in proc.stdout
+    assert "| not the tutorial: same loop on ImageFolder JPEGs" in proc.stdout
+    # every run read the one decoded cache the session made (a different data config would add another)
+    assert len(list(cache_dir.glob("imagefolder-*/meta.json"))) == 1
