@@ -286,7 +286,9 @@ start_network() {  # the bridge (SUBNET.1, this machine) and one namespace per n
 
 teardown_network() {  # everything `up --nodes` made outside DIR; a no-op when there is nothing
     local ns pids i link
-    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$NETNS_PREFIX[0-9]+$" || true); do
+    local -a all_ns
+    all_ns=($(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$NETNS_PREFIX[0-9]+$" || true))
+    for ns in "${all_ns[@]}"; do
         # Whatever still runs in the namespace (job steps, tasks) was started by this cluster.
         pids=$(ip netns pids "$ns" 2>/dev/null || true)
         if [[ -n $pids ]]; then
@@ -296,11 +298,15 @@ teardown_network() {  # everything `up --nodes` made outside DIR; a no-op when t
             pids=$(ip netns pids "$ns" 2>/dev/null || true)
             [[ -z $pids ]] || kill -KILL $pids 2>/dev/null || true
         fi
-        ip netns delete "$ns" 2>/dev/null || log "WARNING: could not delete network namespace $ns"
     done
+    # Deleting one end of a veth pair deletes both; a namespace goes once nothing runs in it.
     for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' \
                   | grep -E "^($VETH_PREFIX[0-9]+|$BRIDGE)$" || true); do
-        ip link delete "$link" 2>/dev/null || log "WARNING: could not delete link $link"
+        ip link delete "$link" 2>/dev/null || ! ip link show "$link" >/dev/null 2>&1 \
+            || log "WARNING: could not delete link $link"
+    done
+    for ns in "${all_ns[@]}"; do
+        ip netns delete "$ns" 2>/dev/null || log "WARNING: could not delete network namespace $ns"
     done
 }
 
@@ -443,6 +449,12 @@ cmd_down() {
     fi
     local f
     stop_pidfile "$DIR/pid/slurmd.pid"
+    # Several nodes: each daemon takes a second or two to stop, so TERM them all at once.
+    if compgen -G "$DIR/pid/slurmd-*.pid" >/dev/null; then
+        for f in "$DIR"/pid/slurmd-*.pid "$DIR/pid/slurmctld.pid" "$DIR/pid/munged.pid"; do
+            if alive "$f"; then kill -TERM "$(cat "$f")" 2>/dev/null || true; fi
+        done
+    fi
     for f in "$DIR"/pid/slurmd-*.pid; do stop_pidfile "$f"; done
     stop_pidfile "$DIR/pid/slurmctld.pid"
     stop_pidfile "$DIR/pid/munged.pid"
