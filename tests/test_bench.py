@@ -95,8 +95,7 @@ def test_ratios_and_targets_use_the_in_memory_tutorial_and_the_right_limits():
     summary = summary_of(tutorial__images_per_second=300, tutorial_imagefolder__images_per_second=100,
                          dist_cifar__images_per_second=900, bare_step__images_per_second=1000,
                          time_to_accuracy__seconds_to_target=10.0, time_to_accuracy__peak_rss_mb=1100,
-                         tutorial_2_epochs__wall_seconds=200.0,
-                         tutorial_imagefolder_2_epochs__wall_seconds=400.0)
+                         tutorial_2_epochs__wall_seconds=200.0)
     ratio = bench.ratios(summary)
     assert ratio == {"dist_cifar_over_tutorial": pytest.approx(3.0), "dist_cifar_over_bare_step": pytest.approx(0.9)}
     met = {t["target"].split()[0]: t for t in bench.targets(summary, ratio)}
@@ -104,8 +103,7 @@ def test_ratios_and_targets_use_the_in_memory_tutorial_and_the_right_limits():
     assert met["time"]["value"] == pytest.approx(0.05) and met["time"]["met"] is True  # against the in-memory loop
     assert met["peak"]["value"] == 1200 and met["peak"]["met"] is True  # the largest of the runs
     other = bench.imagefolder_comparison(summary)
-    assert other["tutorial_over_tutorial_imagefolder_images_per_second"] == pytest.approx(3.0)
-    assert other["time_to_target_over_tutorial_imagefolder_2_epochs"] == pytest.approx(0.025)
+    assert other == {"tutorial_over_tutorial_imagefolder_images_per_second": pytest.approx(3.0)}
 
     slower = summary_of(tutorial__images_per_second=300, dist_cifar__images_per_second=899,
                         bare_step__images_per_second=1000, time_to_accuracy__seconds_to_target=10.1,
