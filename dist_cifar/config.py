@@ -103,6 +103,15 @@ class PreemptConfig:
 
 
 @dataclass
+class DistConfig:
+    # Longest wait, in seconds, in one collective (all-reduce, barrier, broadcast) before the job ends
+    # with an error naming the rank and phase: a stuck or vanished rank. The longest legitimate wait is
+    # the main process writing a checkpoint or the final results while the others wait (seconds);
+    # loading data gets its own, longer limit (decoding an image folder on one node).
+    timeout_seconds: int = 300
+
+
+@dataclass
 class WandbConfig:
     mode: str = "disabled"  # online | offline | disabled
     project: str = "dist_cifar"
@@ -128,6 +137,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -175,6 +185,7 @@ BOUNDS = {
     "checkpoint.every_epochs": (0, None),
     "checkpoint.keep_last": (1, None),
     "preempt.check_every_steps": (1, None),
+    "dist.timeout_seconds": (5, None),
 }
 SIGNAL_NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 

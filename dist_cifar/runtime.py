@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from dist_cifar import _accelerate_patches
@@ -56,8 +59,10 @@ def build_accelerator(cfg: Config, warn=print, **kwargs) -> tuple[Accelerator, d
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.grad_accum_steps, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False,  # the lr comes from the global step count, stepped once per step
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist.timeout_seconds))],
         **kwargs,
     )
+    note_process_group()
     if accelerator.num_processes != launched_world:
         raise RunError(f"launched {launched_world} processes (WORLD_SIZE) but the process group has "
                        f"{accelerator.num_processes}: check the launcher's flags")
@@ -74,6 +79,100 @@ def build_accelerator(cfg: Config, warn=print, **kwargs) -> tuple[Accelerator, d
         "threads_per_process": torch.get_num_threads(),
     }
     return accelerator, info
+
+
+@contextlib.contextmanager
+def collective_timeout(seconds: float, restore_seconds: float):
+    """(all ranks) Another collective timeout for one phase (loading data while one node decodes it)."""
+    dist = torch.distributed
+    set_timeout = getattr(dist, "set_timeout", None)  # public since torch 2.8; older ones keep one timeout
+    if not (dist.is_initialized() and set_timeout):
+        yield
+        return
+    set_timeout(datetime.timedelta(seconds=seconds))
+    try:
+        yield
+    finally:
+        set_timeout(datetime.timedelta(seconds=restore_seconds))
+
+
+class Phase:
+    """What this rank is doing, for the one line that reports a failed collective."""
+
+    def __init__(self):
+        self.name, self.progress = "start-up", None
+
+    def set(self, name: str, progress=None) -> None:
+        self.name, self.progress = name, progress
+
+    def __str__(self) -> str:
+        if self.name == "training" and self.progress is not None:
+            return f"training step {self.progress.step + 1}"
+        return self.name
+
+
+PHASE = Phase()
+
+
+def collective_failure(err: BaseException) -> str | None:
+    """One line for a collective that failed (a rank gone or stuck), or None for any other error."""
+    dist = torch.distributed
+    text = str(err)
+    if not (isinstance(err, getattr(dist, "DistError", ())) or "gloo" in text.lower() or "NCCL" in text):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    if first.startswith("[") and "] " in first:  # gloo's "[/path/to/pair.cc:561] message": drop the source path
+        first = first.split("] ", 1)[1]
+    first = first.split(" This is typically", 1)[0]
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "Timed out" in first or "timed out" in first or "Timeout" in first:
+        why = "a collective timed out waiting for another rank (stuck or gone; limit dist.timeout_seconds)"
+    else:
+        why = "another rank left the process group (crashed or killed: see its log)"
+    return f"rank {rank} of {world}: {why}, during {PHASE}: {first}"
+
+
+def starve_collective_threads() -> None:
+    """Test hook (DIST_CIFAR_FAULT=starve_gloo): the process group's worker threads get the lowest CPU
+    priority on core 0, so they lag behind the main thread as on a heavily loaded machine."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            if "gloo" in name:
+                os.sched_setaffinity(int(tid), {0})
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
+
+
+def leave(code: int) -> None:
+    """End a trainer process with `code`. After a process group has existed, skip interpreter shutdown.
+
+    Why: a gloo worker thread drops its reference to a finished collective's work a moment after the
+    caller has moved on. If that work holds tensors also seen from Python, freeing them takes the GIL;
+    once the interpreter is finalising, taking the GIL ends the thread through a forced unwind across a
+    noexcept destructor, and libstdc++ aborts the whole process ("terminate called without an active
+    exception", exit -6), after the run itself succeeded. Seen on loaded machines; the core dump shows
+    ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> TensorImpl::decref_pyobject -> take_gil ->
+    pthread_exit -> std::terminate. Everything the run writes is closed by now, so leaving with
+    os._exit, after flushing, loses nothing and never starts the finalisation that races the thread.
+    """
+    if not _had_process_group:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+_had_process_group = False
+
+
+def note_process_group() -> None:
+    global _had_process_group
+    _had_process_group = _had_process_group or (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def default_threads(per_device_batch_size: int) -> int:

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +33,11 @@ from dist_cifar.evaluate import confusion_matrix, per_class_table, summarize
 from dist_cifar.models import build_model
 from dist_cifar.optim import WeightAverage, build_optimizer, build_scheduler, freeze_groups
 from dist_cifar.pipeline import DeviceBatches, EpochSampler, LoaderImages, normalize, steps_per_epoch
+from dist_cifar.rundir import RunLock, check_output_dir
 from dist_cifar.tracking import Tracker, accelerator_kwargs
-from dist_cifar.runtime import (PREEMPTED_EXIT_CODE, MainLog, NullLog, Preemption, RunError,
-                                build_accelerator, requeue_slurm_job, versions)
+from dist_cifar.runtime import (PHASE, PREEMPTED_EXIT_CODE, MainLog, NullLog, Preemption, RunError,
+                                build_accelerator, collective_failure, collective_timeout, leave,
+                                requeue_slurm_job, starve_collective_threads, versions)
 
 # Config keys whose change makes a checkpoint's data order or state meaningless for this run.
 RESUME_MUST_MATCH = ("seed", "model.name", "model.widths", "data.train_subset", "train.epochs",
@@ -135,15 +138,23 @@ def main(argv=None) -> int:
         print(f"dist_cifar: config error: {err}", file=sys.stderr)
         return 2
     try:
-        return train(cfg, config_name(args.config))
+        code = train(cfg, config_name(args.config))
     except (DataError, ckpt.CheckpointError, RunError) as err:
         print(f"dist_cifar: error: {err}", file=sys.stderr)
         return 1
     except Preempted:
-        return PREEMPTED_EXIT_CODE
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        code = PREEMPTED_EXIT_CODE
+    except Exception as err:
+        failure = collective_failure(err)
+        if failure is None:
+            raise
+        # The group is broken: tearing it down could wait on the dead rank, so the process just ends.
+        print(f"dist_cifar: error: {failure}", file=sys.stderr)
+        return 1
+    # Every rank got here together (the run's last collective): safe to tear the group down.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
 
 
 def train(cfg: Config, name: str = "run") -> int:
@@ -151,15 +162,35 @@ def train(cfg: Config, name: str = "run") -> int:
     accelerator, info = build_accelerator(cfg, warn=lambda m: print(f"dist_cifar: warning: {m}", file=sys.stderr)
                                           if int(os.environ.get("RANK", "0")) == 0 else None,
                                           **accelerator_kwargs(cfg))
-    main_process = accelerator.is_main_process
     run_dir = resolve_run_dir(cfg, name)
+    # ---- the run folder: usable, and this run's alone (the main process checks and locks; all ranks agree) ----
+    lock = RunLock(run_dir)
+    problem = (check_output_dir(run_dir) or lock.acquire()) if accelerator.is_main_process else None
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise RunError(problem)
+    try:
+        return run(cfg, accelerator, info, run_dir, started)
+    finally:
+        lock.release()
+
+
+def run(cfg: Config, accelerator, info: dict, run_dir: Path, started: float) -> int:
+    """(all ranks) The run, in a folder this run holds."""
+    main_process = accelerator.is_main_process
     log = MainLog(run_dir) if main_process else NullLog(run_dir)
 
     # ---- resume point and run folder (all ranks decide, then the main process writes) ----
+    PHASE.set("loading data")
     resume_from = find_resume_point(cfg, run_dir, log)
     resumed = ckpt.read_checkpoint(resume_from) if resume_from else None
     # ---- data and model (all ranks; identical initial weights from the shared seed) ----
-    data = load_dataset(cfg.data, seed=cfg.seed)
+    # One process per machine decodes an image folder the first time while the others wait for it:
+    # the next collective may wait that long, so this phase has its own limit.
+    with collective_timeout(max(3600, cfg.dist.timeout_seconds), cfg.dist.timeout_seconds):
+        data = load_dataset(cfg.data, seed=cfg.seed)
+        accelerator.wait_for_everyone()
+    PHASE.set("start-up")
     classes = data.classes
     if resumed:
         check_resumable(resume_from, resumed[2], cfg, classes, accelerator.num_processes)
@@ -263,7 +294,9 @@ def train(cfg: Config, name: str = "run") -> int:
     summary = None
     reached_target = None
     try:
-        while progress.epoch < cfg.train.epochs and progress.step < total_steps:
+        # An epoch ends with its bookkeeping (loss, evaluation, metrics record, checkpoint) even when a
+        # resumed run has no step left in it: a checkpoint written at its last step still needs them.
+        while progress.epoch < cfg.train.epochs:
             epoch = progress.epoch
             loss_sum = torch.tensor(partial_loss, dtype=torch.float64, device=accelerator.device)
             seen = partial_seen  # images this rank trained on this epoch: known on the host, no device op
@@ -274,8 +307,9 @@ def train(cfg: Config, name: str = "run") -> int:
             last_postfix = tick
             freeze_groups(optimizer, epoch)
             model.train()
+            PHASE.set("training", progress)
             for x, y in epoch_batches(epoch, progress.micro_step):
-                if progress.micro_step >= micro_per_epoch:
+                if progress.micro_step >= micro_per_epoch or progress.step >= total_steps:
                     break
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
@@ -310,7 +344,9 @@ def train(cfg: Config, name: str = "run") -> int:
                     stop_for_signal(ctx, progress, loss_sum, seen, preemption.received)
                 if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
                     progress.train_seconds += time.perf_counter() - tick
+                    PHASE.set(f"checkpoint at step {progress.step}")
                     save_checkpoint(ctx, progress, loss_sum, seen)
+                    PHASE.set("training", progress)
                     tick = time.perf_counter()  # the save is not training time
                     images_this_attempt = 0
                 if progress.step >= total_steps:
@@ -328,6 +364,9 @@ def train(cfg: Config, name: str = "run") -> int:
             every = cfg.train.eval_every_epochs
             test_accuracy = None
             if last_epoch or (every and (epoch + 1) % every == 0):
+                if os.environ.get("DIST_CIFAR_FAULT") == "starve_gloo" and last_epoch:
+                    starve_collective_threads()  # test hook: the last collectives' threads lag, as under load
+                PHASE.set(f"evaluation after epoch {epoch + 1}")
                 summary = evaluate_now(ctx, data.test)
                 test_accuracy = summary["accuracy"]
             record = {"epoch": epoch + 1, "step": progress.step,
@@ -351,15 +390,27 @@ def train(cfg: Config, name: str = "run") -> int:
             if (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch \
                     or reached_target:
                 save_checkpoint(ctx, progress, None, None, test_accuracy)
-            if reached_target:
+            if reached_target or last_epoch:
                 break
+
+        if summary is None:  # resumed after the last epoch had finished: evaluate again
+            PHASE.set("final evaluation")
+            summary = evaluate_now(ctx, data.test)
+        bar.close()
+        # ---- the end (all ranks): the main process writes, then every rank learns how that went ----
+        # No rank leaves before the main process's files are on disk: a rank that exits first would
+        # end the job (torchrun, srun --kill-on-bad-exit) and kill the main process mid-write.
+        PHASE.set("final writes by the main process")
+        error = finish_run(ctx, progress, summary, reached_target, started) if main_process else ""
+        error = broadcast_object_list([error])[0]
+        if error:
+            raise RunError(error)
+    except BaseException:
+        tracker.close(exit_code=1)  # the W&B run ends as failed, never left open (a no-op when closed)
+        raise
     finally:
         bar.close()
         preemption.restore()
-
-    if summary is None:  # resumed after the last epoch had finished: evaluate again
-        summary = evaluate_now(ctx, data.test)
-    finish_run(ctx, progress, summary, reached_target, started)
     return 0
 
 
@@ -410,6 +461,7 @@ def stop_for_signal(ctx, progress, loss_sum, seen, signal_name) -> None:
     """(all ranks) Checkpoint, requeue under SLURM (main process), and leave with the preemption code."""
     log = ctx["log"]
     log.print(f"\nreceived {signal_name or 'a stop signal on another rank'}: saving a checkpoint at step {progress.step}")
+    PHASE.set(f"checkpoint at step {progress.step} on a stop signal")
     save_checkpoint(ctx, progress, loss_sum, seen)
     if ctx["accelerator"].is_main_process and ctx["cfg"].preempt.requeue:
         requeue_slurm_job(log)
@@ -418,11 +470,19 @@ def stop_for_signal(ctx, progress, loss_sum, seen, signal_name) -> None:
     raise Preempted()
 
 
-def finish_run(ctx, progress: Progress, summary: dict, reached_target, started: float) -> None:
-    """(only on the main process) Final weights, results.json, the per-class table, pictures."""
+def finish_run(ctx, progress: Progress, summary: dict, reached_target, started: float) -> str:
+    """(only on the main process) Final weights, results.json, the per-class table, pictures.
+    Returns "" when all is written, else one line saying what could not be."""
+    try:
+        write_results(ctx, progress, summary, reached_target, started)
+    except (OSError, ckpt.CheckpointError) as err:
+        what = f"{err.strerror} ({err.filename})" if isinstance(err, OSError) and err.strerror else str(err)
+        return f"the run finished but its results could not be written to {ctx['run_dir']}: {what}"
+    return ""
+
+
+def write_results(ctx, progress: Progress, summary: dict, reached_target, started: float) -> None:
     accelerator, cfg, log, info = ctx["accelerator"], ctx["cfg"], ctx["log"], ctx["info"]
-    if not accelerator.is_main_process:
-        return
     run_dir = ctx["run_dir"]
     average = ctx["average"]
     if average is not None and average.mode == "ema":
@@ -456,7 +516,17 @@ def finish_run(ctx, progress: Progress, summary: dict, reached_target, started: 
 
 
 def cli() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as err:  # argparse: --help, usage errors
+        code = err.code if isinstance(err.code, int) else 2
+    except KeyboardInterrupt:
+        print("dist_cifar: interrupted", file=sys.stderr)
+        code = 130
+    except BaseException:  # a bug: show it, then leave the same way as every other exit
+        traceback.print_exc()
+        code = 1
+    leave(code)
 
 
 if __name__ == "__main__":
