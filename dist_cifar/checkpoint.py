@@ -16,7 +16,9 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
+import zipfile
 import tempfile
 from pathlib import Path
 
@@ -171,12 +173,24 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     if problem:
         raise CheckpointError(f"checkpoint {folder} is unusable: {problem}")
     model_state, _, _ = load_weights(folder / "model.safetensors")
-    try:
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read {folder / 'state.pt'}: {err}") from None
+    state = load_state(folder / "state.pt")
     meta = json.loads((folder / "meta.json").read_text())
     return model_state, state, meta
+
+
+def load_state(path: Path) -> dict:
+    """torch.load(weights_only=True) of a state.pt, with one line of our own when it is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: this is something else
+            raise CheckpointError(f"cannot read {path}: not a state file written by torch.save") from None
+        # torch's message suggests weights_only=False: never follow that for a file of unknown origin.
+        raise CheckpointError(f"refused {path}: it holds Python objects other than tensors and plain data, "
+                              f"and loading those could run code; dist_cifar never writes such a file") from None
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read {path}: {first}") from None
 
 
 def load_optimizer_state(optimizer, saved: dict, folder: Path) -> None:
@@ -215,11 +229,24 @@ def prune(checkpoints_dir: Path, keep_last: int) -> None:
         keep.add(max(scored)[2])
     for f in folders:
         if f not in keep:
-            shutil.rmtree(f, ignore_errors=True)
-    # Half-written folders of processes that died mid-save (the one writer of this run has just finished
-    # its own save, so any left are stale); they are never chosen for a resume, only taking space.
-    for stale in [*checkpoints_dir.glob(".tmp-*"), *checkpoints_dir.glob(".old-*")]:
+            remove(f)
+    # Half-written or half-deleted folders of processes that died mid-save or mid-prune: the run holds
+    # its folder's lock and has just finished its own save, so any left are stale. They are never
+    # chosen for a resume, only taking space.
+    for stale in [*checkpoints_dir.glob(".tmp-*"), *checkpoints_dir.glob(".old-*"), *checkpoints_dir.glob(".del-*")]:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove(folder: Path) -> None:
+    """Delete a checkpoint so that a kill at any moment leaves it whole or gone: rename it to a hidden
+    name first (one atomic step), then delete that."""
+    doomed = folder.with_name(f".del-{folder.name}-{os.getpid()}")
+    try:
+        os.replace(folder, doomed)
+    except OSError:
+        return
+    _fault_point(f"during_prune:{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fault_point(point: str) -> None:

@@ -79,6 +79,28 @@ def _fingerprint(files: list[tuple[str, int]], image_size: int) -> str:
     return digest.hexdigest()[:20]
 
 
+def to_rgb8(img, path):
+    """An 8-bit RGB copy of a PIL image. High-bit-depth images are scaled, never clipped: PIL's own
+    convert("RGB") clips a 16-bit grey value of 40,000 to 255, turning a normal picture almost white."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey (PNG, TIFF), or PIL's 32-bit int mode
+        values = np.asarray(img).astype(np.int64)
+        if img.mode == "I" and values.max(initial=0) <= 255:
+            grey = values  # an 8-bit image that PIL widened
+        elif values.min(initial=0) >= 0 and values.max(initial=0) <= 65535:
+            grey = values >> 8
+        else:
+            raise DataError(f"cannot read image {path}: {img.mode} pixel values outside 0..65535")
+        img = Image.fromarray(grey.astype(np.uint8))
+    elif img.mode == "F":  # 32-bit float grey: only the 0..1 convention is unambiguous
+        values = np.asarray(img)
+        if not (np.isfinite(values).all() and values.min(initial=0) >= 0 and values.max(initial=0) <= 1):
+            raise DataError(f"cannot read image {path}: floating-point pixels outside 0..1 (convert it to 8 bits)")
+        img = Image.fromarray(np.round(values * 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def _decode(args: tuple[list[str], int]) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -87,7 +109,7 @@ def _decode(args: tuple[list[str], int]) -> np.ndarray:
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img = to_rgb8(img, path)
                 if img.size != (size, size):
                     img = img.resize((size, size), Image.BILINEAR)
                 out[i] = np.asarray(img)
