@@ -436,6 +436,24 @@ stop_pidfile() {  # TERM, then KILL after 10 s; only the pid we recorded
     rm -f "$f"
 }
 
+# munged serves every cluster on this machine (`up` reuses a running one). If another cluster
+# started by this script is still up, its `down` becomes the one to stop munged: moving the pid file
+# there keeps this `down` from pulling munged from under that cluster.
+hand_over_munged() {
+    local pid conf other
+    alive "$DIR/pid/munged.pid" || return 1
+    for pid in $(pgrep -x slurmctld || true); do
+        conf=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -x -A1 -- -f | tail -n1) || continue
+        other=$(dirname "$conf")
+        [[ $other != "$DIR" && ! -e $other/pid/munged.pid && $(cat "$other/pid/slurmctld.pid" 2>/dev/null) == "$pid" ]] \
+            || continue
+        mv "$DIR/pid/munged.pid" "$other/pid/munged.pid" || continue
+        log "munged (pid $(cat "$other/pid/munged.pid")) also serves the cluster in $other: left running for its down"
+        return 0
+    done
+    return 1
+}
+
 cmd_down() {
     if [[ -f $DIR/slurm.conf ]] && alive "$DIR/pid/slurmctld.pid"; then
         # Jobs still running would leave orphaned slurmstepd/task processes behind.
@@ -448,6 +466,7 @@ cmd_down() {
         done
     fi
     local f
+    hand_over_munged || true
     stop_pidfile "$DIR/pid/slurmd.pid"
     # Several nodes: each daemon takes a second or two to stop, so TERM them all at once.
     if compgen -G "$DIR/pid/slurmd-*.pid" >/dev/null; then
