@@ -116,6 +116,7 @@ def write_checkpoint(checkpoints_dir: Path, step: int, *, model_state: dict, sta
         else:
             os.replace(tmp, final)
         _fsync(checkpoints_dir)
+        _fault_point(f"after_save:{step}")
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}") from None
@@ -250,6 +251,7 @@ def remove(folder: Path) -> None:
 
 
 def _fault_point(point: str) -> None:
-    """Test hook: DIST_CIFAR_FAULT=during_save:STEP kills this process (SIGKILL) half-way through that save."""
+    """Test hook: DIST_CIFAR_FAULT=during_save:STEP (half-way through that save), after_save:STEP (right after
+    it) or during_prune:step-0000000N (while deleting that checkpoint) kills this process with SIGKILL."""
     if os.environ.get("DIST_CIFAR_FAULT") == point:
         os.kill(os.getpid(), 9)

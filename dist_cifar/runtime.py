@@ -52,6 +52,7 @@ def build_accelerator(cfg: Config, warn=print, **kwargs) -> tuple[Accelerator, d
     _accelerate_patches.apply()
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cpu = not torch.cuda.is_available()
+    init_group_for_restarts(datetime.timedelta(seconds=cfg.dist.timeout_seconds), warn)
     precision, asked = resolve_mixed_precision(cfg.train.mixed_precision, warn)
     accelerator = Accelerator(
         cpu=use_cpu,
@@ -173,6 +174,37 @@ _had_process_group = False
 def note_process_group() -> None:
     global _had_process_group
     _had_process_group = _had_process_group or (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def init_group_for_restarts(timeout: datetime.timedelta, warn) -> None:
+    """(all ranks) Under `torchrun --max-restarts N`, a process group that a restarted generation can form.
+
+    torchrun (c10d rendezvous) shares one TCPStore between its rendezvous and the workers and keeps it
+    across restarts, so the keys that the dead generation's ranks wrote (their gloo/NCCL addresses)
+    are still there: a new rank that reads a peer's key before the restarted peer rewrites it
+    connects to a dead address and fails ("Connection refused", then connectFullMesh gives up), more
+    often on a busy machine (pytorch/pytorch#135712). On one node all workers restart together with
+    the same TORCHELASTIC_RESTART_COUNT, so a key prefix per restart isolates the generations. On
+    several nodes the count is per agent and may differ: there torchrun needs
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store each round; our SLURM script sets it).
+    """
+    env = os.environ
+    if not (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and int(env.get("WORLD_SIZE", "1")) > 1) or torch.distributed.is_initialized():
+        return
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        if int(env.get("RANK", "0")) == 0:
+            warn("torchrun --max-restarts over several nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before "
+                 "torchrun, or a restarted group may read the dead workers' addresses and fail to connect")
+        return
+    store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
+    store = torch.distributed.PrefixStore(f"dist_cifar/restart-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    torch.distributed.init_process_group(backend, store=store, rank=int(env["RANK"]),
+                                         world_size=int(env["WORLD_SIZE"]), timeout=timeout)
 
 
 def default_threads(per_device_batch_size: int) -> int:
