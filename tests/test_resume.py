@@ -58,7 +58,9 @@ def intact(folder: Path) -> bool:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes, but the run-folder lock's (each run that opens the folder notes itself there)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".dist_cifar.lock"}
 
 
 def resumed_from(output: str) -> Path | None:
