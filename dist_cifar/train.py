@@ -137,24 +137,26 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"dist_cifar: config error: {err}", file=sys.stderr)
         return 2
+    group_usable = True
     try:
-        code = train(cfg, config_name(args.config))
+        return train(cfg, config_name(args.config))
     except (DataError, ckpt.CheckpointError, RunError) as err:
         print(f"dist_cifar: error: {err}", file=sys.stderr)
         return 1
     except Preempted:
-        code = PREEMPTED_EXIT_CODE
+        return PREEMPTED_EXIT_CODE
     except Exception as err:
         failure = collective_failure(err)
         if failure is None:
             raise
-        # The group is broken: tearing it down could wait on the dead rank, so the process just ends.
+        group_usable = False
         print(f"dist_cifar: error: {failure}", file=sys.stderr)
         return 1
-    # Every rank got here together (the run's last collective): safe to tear the group down.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return code
+    finally:
+        # Closing the group is local to this rank; after a failed collective it could wait on the dead
+        # peer's work instead, and the process ends without it.
+        if group_usable and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def train(cfg: Config, name: str = "run") -> int:
