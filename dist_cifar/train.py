@@ -55,6 +55,7 @@ class Progress:
     micro_step: int = 0  # micro-steps done in the current epoch
     step: int = 0  # optimizer steps done in the whole run
     train_seconds: float = 0.0  # time spent in training steps, all attempts together
+    train_images: int = 0  # images trained on by all ranks in those seconds
     history: list = field(default_factory=list)  # the metrics.jsonl records so far
 
 
@@ -304,7 +305,9 @@ def run(cfg: Config, accelerator, info: dict, run_dir: Path, started: float) -> 
             seen = partial_seen  # images this rank trained on this epoch: known on the host, no device op
             partial_loss, partial_seen = 0.0, 0
             bar.set_description(f"epoch {epoch + 1}/{cfg.train.epochs}")
-            images_this_attempt = 0
+            images_this_attempt = 0  # this epoch, in this process's life
+            epoch_seconds = 0.0  # training time of this epoch so far, checkpoint saves left out
+            saved_images = 0  # of images_this_attempt, those already added to progress.train_images
             tick = time.perf_counter()
             last_postfix = tick
             freeze_groups(optimizer, epoch)
@@ -340,25 +343,32 @@ def run(cfg: Config, accelerator, info: dict, run_dir: Path, started: float) -> 
                 if main_process and now - last_postfix > 2.0:  # .item() is a device sync: only now and then
                     last_postfix = now
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
-                                    img_s=f"{images_this_attempt / (now - tick):.0f}")
+                                    img_s=f"{images_this_attempt / (epoch_seconds + now - tick):.0f}")
                 if preemption.should_stop(accelerator, progress.step, cfg.preempt.check_every_steps):
                     progress.train_seconds += time.perf_counter() - tick
+                    progress.train_images += images_this_attempt - saved_images
                     stop_for_signal(ctx, progress, loss_sum, seen, preemption.received)
                 if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
-                    progress.train_seconds += time.perf_counter() - tick
+                    # The stopwatch pauses for the save; the checkpoint carries the counts up to here.
+                    lap = time.perf_counter() - tick
+                    progress.train_seconds += lap
+                    progress.train_images += images_this_attempt - saved_images
+                    epoch_seconds += lap
+                    saved_images = images_this_attempt
                     PHASE.set(f"checkpoint at step {progress.step}")
                     save_checkpoint(ctx, progress, loss_sum, seen)
                     PHASE.set("training", progress)
-                    tick = time.perf_counter()  # the save is not training time
-                    images_this_attempt = 0
+                    tick = time.perf_counter()
                 if progress.step >= total_steps:
                     break
             if average is not None:
                 average.finish()
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()  # the steps were only queued: wait for them before reading the clock
-            seconds = time.perf_counter() - tick
-            progress.train_seconds += seconds
+            lap = time.perf_counter() - tick
+            progress.train_seconds += lap
+            progress.train_images += images_this_attempt - saved_images
+            seconds = epoch_seconds + lap
 
             # ---- end of epoch (all ranks): reduce the loss once, evaluate, log, checkpoint ----
             totals = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(seen))]), reduction="sum")
@@ -374,15 +384,15 @@ def run(cfg: Config, accelerator, info: dict, run_dir: Path, started: float) -> 
             record = {"epoch": epoch + 1, "step": progress.step,
                       "train_loss": float(totals[0] / totals[1]) if totals[1] else None,
                       "test_accuracy": test_accuracy, "lr": optimizer.param_groups[0]["lr"],
-                      "seconds": round(seconds, 3), "images_per_second": round(images_this_attempt / max(seconds, 1e-9), 1),
+                      "seconds": round(seconds, 3), "images_per_second": round(images_this_attempt / max(seconds, 1e-9), 1) if images_this_attempt else None,
                       "train_seconds": round(progress.train_seconds, 3),
                       "wall_time": time.time(), "elapsed_seconds": round(time.time() - started, 3)}
             progress.history.append(record)
             log.append_jsonl("metrics.jsonl", record)
             tracker.log(record, step=progress.step)
             acc_text = "" if test_accuracy is None else f", test accuracy {100 * test_accuracy:.2f} %"
-            log.print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}{acc_text}, "
-                      f"{record['images_per_second']:.0f} images/s")
+            rate_text = f", {record['images_per_second']:.0f} images/s" if images_this_attempt else ""
+            log.print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}{acc_text}{rate_text}")
             progress.epoch += 1
             progress.micro_step = 0
             target = cfg.train.target_accuracy
@@ -496,14 +506,13 @@ def write_results(ctx, progress: Progress, summary: dict, reached_target, starte
               if cfg.tracking.plots else None)  # with the saved weights, before the EMA swap back
     if average is not None and average.mode == "ema":
         average.swap()
-    images = sum(r["images_per_second"] * r["seconds"] for r in progress.history)
     results = dict(summary)
     results.update(
         world_size=info["world_size"], backend=info["backend"], device=info["device"],
         mixed_precision=info["mixed_precision"], mixed_precision_requested=info["mixed_precision_requested"],
         epochs=progress.epoch, steps=progress.step, seed=cfg.seed, model=cfg.model.name, classes=ctx["classes"],
-        train_seconds=round(progress.train_seconds, 3),
-        train_images_per_second=round(images / progress.train_seconds, 1) if progress.train_seconds else None,
+        train_seconds=round(progress.train_seconds, 3), train_images=progress.train_images,
+        train_images_per_second=round(progress.train_images / progress.train_seconds, 1) if progress.train_seconds else None,
         wall_seconds=round(time.time() - started, 3),
         target_accuracy=cfg.train.target_accuracy or None,
         target_reached_at_epoch=reached_target["epoch"] if reached_target else None,

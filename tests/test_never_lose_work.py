@@ -80,12 +80,16 @@ def test_second_run_on_a_folder_in_use_stops_at_once_and_the_first_finishes(data
     run_dir = tmp_path / "run"
     first = start_train(long_args(data_args, run_dir))
     first.wait_for(lambda: (run_dir / "config.yaml").exists(), what="the first run's config.yaml")
-    for extra in ([], ["train.resume=auto"]):
-        second = run_train(long_args(data_args, run_dir, *extra), timeout=120)
-        line = error_line(second)
-        assert f"output_dir {run_dir} is in use by another run" in line, line
-        assert f"pid {first.procs[0].pid}" in line, line
-        assert "data:" not in second.stdout  # refused before loading anything
+    os.kill(first.procs[0].pid, signal.SIGSTOP)  # still holding its lock, however fast this machine is
+    try:
+        for extra in ([], ["train.resume=auto"]):
+            second = run_train(long_args(data_args, run_dir, *extra), timeout=120)
+            line = error_line(second)
+            assert f"output_dir {run_dir} is in use by another run" in line, line
+            assert f"pid {first.procs[0].pid}" in line, line
+            assert "data:" not in second.stdout  # refused before loading anything
+    finally:
+        os.kill(first.procs[0].pid, signal.SIGCONT)
     assert first.wait(300) == [0], tail(first.output())
     assert metrics_epochs(run_dir) == [1, 2, 3, 4, 5, 6]
     assert results(run_dir)["epochs"] == 6
@@ -213,6 +217,11 @@ def test_resume_from_a_checkpoint_at_a_boundary_keeps_the_bookkeeping(boundary, 
     assert metrics_epochs(run_dir) == [1, 2]
     r = results(run_dir)
     assert (r["epochs"], r["steps"]) == (2, 124), r
+    # One counter across step checkpoints and the two attempts (rates were 0 with step checkpoints)
+    assert r["train_images"] == 124 * 16 and r["train_images_per_second"] > 0, r
+    rates = [json.loads(line)["images_per_second"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the epoch whose record the resumed attempt wrote without training a step in it has no rate
+    assert rates == ([None, rates[1]] if step == 62 else [rates[0], None]) and max(r or 0 for r in rates) > 0, rates
     final = json.loads((checkpoint(run_dir, 124) / "meta.json").read_text())
     assert final["epoch"] == 2 and final["test_accuracy"] == r["accuracy"]  # the epoch-end checkpoint
 
