@@ -189,6 +189,7 @@ def test_a_stuck_or_dead_rank_ends_the_job_with_one_line(how, data_args, tmp_pat
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
     took = time.monotonic() - started
+    print(f"{how} rank 1: rank 0 ended {took:.1f} s later (dist.timeout_seconds=15)")
     output = job.logs[0].read_text(errors="replace")
     assert code == 1, tail(output)
     errors = [line for line in output.splitlines() if line.startswith("dist_cifar: error:")]
