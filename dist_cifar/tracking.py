@@ -4,6 +4,11 @@ Every rank builds a `Tracker`; only the main process talks to W&B, the others ho
 does nothing. Mode `online` never blocks on a login prompt or a dead network: without an API key,
 or when the server cannot be reached, the run is written offline under run_dir/wandb/ and the log
 says which `wandb sync DIR` uploads it later.
+
+A training run stopped and resumed (a SLURM requeue) is one W&B run: the id is kept in the run
+folder, and a step some earlier attempt already gave W&B is not logged again. A resumed run repeats
+the steps after its checkpoint; W&B keeps every record of an offline run and `wandb sync` uploads
+each attempt in turn, so without this the synced history would hold those steps twice.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import netrc
 import os
 import secrets
 import socket
+import struct
 import urllib.parse
 from pathlib import Path
 
@@ -72,6 +78,40 @@ def _run_id(run_dir: Path) -> str:
     return run_id
 
 
+def _last_logged_step(run_dir: Path, run_id: str) -> int:
+    """The highest history step in this run's transaction logs under run_dir/wandb/ (every attempt,
+    online or offline), or -1. A log cut short (an attempt killed) counts up to where it is readable."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    last = -1
+    for path in (run_dir / "wandb").glob(f"*/run-{run_id}.wandb"):  # latest-run/ too: a link to one of them
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        # W&B's 7-byte header, then LevelDB-log records in 32 KiB blocks: crc32 (4), length (2),
+        # kind (1: whole, 2: first, 3: middle, 4: last piece) and the piece of a Record protobuf.
+        pos, block, pending = 7, 32768, b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # too little room left in the block for a header: padding
+                pos += block - pos % block
+                continue
+            _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0 or pos + 7 + length > len(data):  # zero fill, or cut short
+                break
+            piece, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            pending = piece if kind in (1, 2) else pending + piece
+            if kind in (1, 4):
+                record = pb.Record()
+                try:
+                    record.ParseFromString(pending)
+                except Exception:  # protobuf's DecodeError: a damaged record ends what can be read
+                    break
+                if record.WhichOneof("record_type") == "history":
+                    last = max(last, record.history.step.num)
+    return last
+
+
 class Tracker:
     """(all ranks) Sends the resolved config, per-epoch metrics and final results to W&B (main process only)."""
 
@@ -79,6 +119,8 @@ class Tracker:
         self.accelerator, self._log = accelerator, log
         self.run = None  # the wandb Run, on the main process of a tracked run
         self.offline_dir: Path | None = None  # the offline run folder, for `wandb sync`
+        self.earlier_step = -1  # the highest step earlier attempts gave this W&B run: not logged again
+        self.last_step: int | None = None  # the highest step this attempt logged
         wb = cfg.tracking.wandb
         if wb.mode == "disabled" or not accelerator.is_main_process:
             return
@@ -98,7 +140,9 @@ class Tracker:
             if problem:
                 log.warn(f"wandb: {problem}: logging this run offline instead")
                 mode = "offline"
-        init = dict(dir=str(run_dir), id=_run_id(run_dir), resume="allow", name=wb.run_name or run_dir.name,
+        run_id = _run_id(run_dir)
+        self.earlier_step = _last_logged_step(run_dir, run_id)  # read before this attempt writes its own log
+        init = dict(dir=str(run_dir), id=run_id, resume="allow", name=wb.run_name or run_dir.name,
                     tags=list(wb.tags) or None, entity=wb.entity or None)
         try:
             self._start(wb.project, cfg, mode, init)
@@ -113,6 +157,11 @@ class Tracker:
             mode = "offline"
             self._start(wb.project, cfg, mode, init)
         self.run = accelerator.get_tracker("wandb", unwrap=True)
+        # A resumed online run starts at the server's next step (W&B itself drops records below it).
+        self.earlier_step = max(self.earlier_step, getattr(self.run, "starting_step", 0) - 1)
+        if self.earlier_step >= 0:
+            log.print(f"wandb: continuing run {self.run.id} after step {self.earlier_step}: "
+                      f"records up to there are not logged again")
         if mode == "offline":
             self.offline_dir = Path(getattr(self.run.settings, "sync_dir", None) or Path(self.run.dir).parent)
             log.print(f"wandb: offline run {self.run.id} in {self.offline_dir}")
@@ -133,9 +182,10 @@ class Tracker:
 
     def log(self, metrics: dict, step: int) -> None:
         """(all ranks; main process logs) One record of numbers at optimizer step `step`; None values are left out."""
-        if self.run is None:
-            return
+        if self.run is None or step <= self.earlier_step:
+            return  # an earlier attempt logged this step: a resumed run repeats the work after its checkpoint
         self.accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+        self.last_step = max(step, self.last_step or 0)
 
     def finish(self, results: dict, pictures: list[Path] = ()) -> None:
         """(all ranks; main process logs) Final accuracy, per-class table, confusion matrix, pictures; ends the run."""
@@ -156,7 +206,9 @@ class Tracker:
             {"title": f"Confusion matrix ({results['num_eval_samples']} test images)"})
         values = {"final/per_class_accuracy": per_class, "final/confusion_matrix": confusion}
         values.update({f"pictures/{Path(p).stem}": wandb.Image(str(p)) for p in pictures})
-        self.accelerator.log(values)
+        # At the last step when this attempt logged it (the same row), else one after it: never at or
+        # below a step an earlier attempt logged, nor at W&B's own step count, which starts at 0 offline.
+        self.accelerator.log(values, step=self.earlier_step + 1 if self.last_step is None else self.last_step)
         self.run.summary.update({"final/test_accuracy": results["accuracy"],
                                  "final/num_eval_samples": results["num_eval_samples"],
                                  **{f"final/accuracy/{k}": v for k, v in results["per_class_accuracy"].items()}})

@@ -8,6 +8,8 @@ file is also the 2-rank job of test_only_the_main_process_talks_to_wandb.
 from __future__ import annotations
 
 import json
+import re
+import signal
 import struct
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, child_env, free_port
+from conftest import REPO, child_env, free_port, run_train, start_train, tail
 from dist_cifar.config import Config, from_dict
 from dist_cifar.runtime import MainLog
 
@@ -216,17 +218,91 @@ def test_disabled_tracking_does_nothing(wandb_env, tmp_path):
     assert tracker.run is None and log.lines == [] and not (run_dir / "wandb").exists()
 
 
-def test_a_resumed_training_run_continues_the_same_wandb_run(wandb_env, tmp_path):
+def history_steps(records) -> list[int]:
+    return [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def attempts(run_dir: Path) -> list[list]:
+    """The records of each attempt's transaction log (online or offline), oldest first."""
+    logs = sorted((p for p in (run_dir / "wandb").glob("*/run-*.wandb") if not p.parent.is_symlink()),
+                  key=lambda p: p.parent.name)  # not latest-run, a link to the newest
+    return [read_wandb_records(p) for p in logs]
+
+
+def summary_of(records) -> dict:
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({".".join(u.nested_key) or u.key: json.loads(u.value_json) for u in r.summary.update})
+    return summary
+
+
+def test_a_resumed_training_run_continues_the_same_wandb_run_without_repeating_steps(wandb_env, tmp_path):
+    """Attempt 1 logs steps 31 and 62 and is stopped; attempt 2 resumes from a checkpoint before 62,
+    so it logs 62 again, then 93; attempt 3 resumes after the last epoch and only finishes."""
     run_dir = tmp_path / "run"
     cfg = make_config(run_dir, mode="offline")
-    ids = []
-    for record in HISTORY[:2]:  # two attempts of one training run: stopped after epoch 1, then resumed
-        tracker, _ = start(cfg, run_dir)
+    ids, lines = [], []
+    for logged, exit_code in ((HISTORY[:2], 75), (HISTORY[1:], 1), ([], None)):
+        tracker, log = start(cfg, run_dir)
         ids.append(tracker.run.id)
-        tracker.log(record, step=record["step"])
-        tracker.close(exit_code=75 if record is HISTORY[0] else 0)
-    assert ids[0] == ids[1]
-    assert [ids[0] in p.name for p in offline_runs(run_dir)] == [True, True]  # same second: NAME-1
+        for record in logged:
+            tracker.log(record, step=record["step"])
+        tracker.finish(RESULTS) if exit_code is None else tracker.close(exit_code=exit_code)
+        lines.append(log.lines)
+        time.sleep(1.1)  # W&B names each attempt's folder by the second it started
+    assert ids[0] == ids[1] == ids[2]
+    assert not any("continuing" in line for line in lines[0])
+    assert f"wandb: continuing run {ids[0]} after step 62: records up to there are not logged again" in lines[1]
+    assert f"wandb: continuing run {ids[0]} after step 93: records up to there are not logged again" in lines[2]
+
+    logs = attempts(run_dir)
+    assert len(logs) == 3
+    assert {r.run.run_id for records in logs for r in records if r.WhichOneof("record_type") == "run"} == {ids[0]}
+    assert [history_steps(records) for records in logs] == [[31, 62], [93], [94]]  # 94: the final tables
+    assert summary_of(logs[-1])["final/test_accuracy"] == 0.3
+
+
+def test_a_run_stopped_by_sigterm_and_requeued_is_one_wandb_run_without_repeated_steps(wandb_env, data_args,
+                                                                                      tmp_path):
+    """A real trainer: 3 epochs of 62 steps, checkpoints every 25 steps. Attempt 1 logs epoch 1 (step
+    62) and is stopped by SIGTERM in epoch 2; its newer checkpoints are then found broken, so the
+    requeued attempt resumes from step 50 and repeats step 62, which W&B must not get twice."""
+    run_dir = tmp_path / "run"
+    args = ["--config", "configs/smoke.yaml", *data_args, "data.train_subset=1000", "train.epochs=3",
+            "train.eval_every_epochs=0", "tracking.plots=false", "train.threads=1", f"output_dir={run_dir}",
+            "checkpoint.every_steps=25", "checkpoint.keep_last=10", "tracking.wandb.mode=offline",
+            "train.resume=auto"]
+
+    def checkpoints() -> list[int]:
+        folder = run_dir / "checkpoints"
+        return sorted(int(p.name[5:]) for p in folder.glob("step-*")) if folder.is_dir() else []
+
+    job = start_train(args)
+    job.wait_for(lambda: any(s >= 75 for s in checkpoints()), what="a checkpoint in epoch 2")
+    job.procs[0].send_signal(signal.SIGTERM)
+    assert job.wait(120) == [75], tail(job.output())
+    stopped = max(checkpoints())
+    assert 75 <= stopped < 124, checkpoints()
+    for step in checkpoints():
+        if step > 50:  # broken: resume=auto skips them
+            state = run_dir / "checkpoints" / f"step-{step:08d}" / "state.pt"
+            state.write_bytes(state.read_bytes()[:100])
+
+    result = run_train(args, timeout=180)
+    assert result.returncode == 0, tail(result.stdout)
+    assert re.search(r"resumed from \S+step-00000050 at epoch 1", result.stdout), tail(result.stdout)
+
+    (run_id,) = {(run_dir / "wandb" / "dist_cifar-run-id").read_text().strip()}
+    assert f"wandb: continuing run {run_id} after step 62: records up to there are not logged again" in result.stdout
+    logs = attempts(run_dir)
+    assert len(logs) == 2
+    assert {r.run.run_id for records in logs for r in records if r.WhichOneof("record_type") == "run"} == {run_id}
+    exits = [[r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] for records in logs]
+    assert exits == [[75], [0]]
+    steps = [step for records in logs for step in history_steps(records)]  # in the order `wandb sync` uploads them
+    assert steps == [62, 124, 186], steps  # strictly increasing: the repeated 62 was not logged again
+    assert summary_of(logs[-1])["final/test_accuracy"] == json.loads((run_dir / "results.json").read_text())["accuracy"]
 
 
 def test_only_the_main_process_talks_to_wandb(wandb_env, tmp_path):
