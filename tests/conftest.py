@@ -36,6 +36,14 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RA
 _LOG_ROOT: Path | None = None  # the jobs' output files: under pytest's session tmp folder once it exists
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test outside tests/unit/ is `slow` (real processes, real images): `-m "not slow"` is the fast tier."""
+    unit = REPO / "tests" / "unit"
+    for item in items:
+        if unit not in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA / "train").is_dir() or not (DATA / "test").is_dir():
