@@ -26,6 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from dist_cifar.config import ConfigError, from_dict
+from dist_cifar.models import build_model
+
 FILES = ("model.safetensors", "state.pt", "meta.json")
 PREFIX = "step-"
 
@@ -80,10 +83,34 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, dict, list[str]]:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointError(f"cannot read model weights {path}: {err}") from None
+        raise CheckpointError(f"cannot read model weights {path}: {_first_line(err)}") from None
     if meta.get("format") != "dist_cifar":
         raise CheckpointError(f"{path} is not a dist_cifar model file (no config and class names in it)")
     return state, json.loads(meta["config"]), json.loads(meta["classes"])
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(network in eval mode on `device`, its Config, class names) from a model.safetensors file or a
+    checkpoint folder: the one way predict, evaluate, resume and the tests rebuild a trained model.
+    CheckpointError, one line naming the file, when it is missing, not a model, or does not fit."""
+    state, saved, classes = load_weights(path)
+    try:
+        cfg = from_dict(saved)
+    except ConfigError as err:
+        raise CheckpointError(f"the config saved in {path} is not valid here: {_first_line(err)}") from None
+    net = build_model(cfg.model, len(classes), cfg.data.image_size)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:  # names the first missing, unexpected or mis-shaped tensor
+        raise CheckpointError(f"{path} does not fit a {cfg.model.name} model: {_first_line(err)}") from None
+    if cfg.model.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net.to(device).eval(), cfg, classes
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def write_checkpoint(checkpoints_dir: Path, step: int, *, model_state: dict, state: dict, meta: dict,

@@ -28,31 +28,53 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def training_curves(path: Path, history: list[dict]) -> Path:
-    """Train loss, test accuracy and learning rate per epoch."""
+def training_curves(path: Path, history: list[dict], curve: list | None = None) -> Path:
+    """Train loss, test accuracy and learning rate over the run (see curves_figure)."""
+    return _save(curves_figure(history, curve), path)
+
+
+def curves_figure(history: list[dict], curve: list | None = None) -> Figure:
+    """Three panels: train loss, test accuracy, learning rate.
+
+    With `curve` ([step, mean train loss since the previous point], about 20 points an epoch) the x
+    axis is the step: the loss is that curve, test accuracy a point per evaluation, the learning rate
+    a point per epoch end (dotted lines). Without it, everything per epoch from `history`.
+    """
     fig = Figure(figsize=(12, 3.6), layout="constrained")
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+    by_step = bool(curve)
+    unit = "step" if by_step else "epoch"
     epochs = [r["epoch"] for r in history]
-    loss = [(r["epoch"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
-    acc = [(r["epoch"], 100 * r["test_accuracy"]) for r in history if r.get("test_accuracy") is not None]
+    if by_step:
+        loss = [(step, value) for step, value in curve]
+    else:
+        loss = [(r["epoch"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
+    acc = [(r[unit], 100 * r["test_accuracy"]) for r in history if r.get("test_accuracy") is not None]
+    lr = [(r[unit], r["lr"]) for r in history if r.get("lr") is not None]
     for ax, points, title, ylabel in ((ax_loss, loss, "training loss", "cross-entropy"),
                                       (ax_acc, acc, "test accuracy", "%"),
-                                      (ax_lr, [(r["epoch"], r["lr"]) for r in history], "learning rate (end of epoch)", "lr")):
+                                      (ax_lr, lr, "learning rate (end of epoch)", "lr")):
         if points:
             x, y = zip(*points)
-            ax.plot(x, y, marker="o")
+            ax.plot(x, y, marker="." if ax is ax_loss and by_step else "o")
         else:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_title(title)
-        ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.margins(y=0.15)
-        if epochs:
-            ax.set_xticks(sorted(set(epochs)) if len(set(epochs)) <= 12 else ax.get_xticks())
+        if by_step:
+            ax.set_xlabel("step (dotted: end of an epoch)")
+            ax.set_xlim(0, max([p[0] for p in loss] + [r["step"] for r in history]) * 1.02)
+            for r in history[:50]:
+                ax.axvline(r["step"], color="gray", linestyle=":", linewidth=0.8)
+        else:
+            ax.set_xlabel("epoch")
+            if epochs:
+                ax.set_xticks(sorted(set(epochs)) if len(set(epochs)) <= 12 else ax.get_xticks())
     if acc:
         ax_acc.annotate(f"{acc[-1][1]:.2f} %", acc[-1], textcoords="offset points", xytext=(0, 6), ha="center")
-    return _save(fig, path)
+    return fig
 
 
 def confusion_matrix(path: Path, cm: list[list[int]], classes: list[str]) -> Path:
@@ -153,12 +175,14 @@ def sample_predictions(net: torch.nn.Module, split: Split, classes: list[str], *
             "classes": list(classes)}
 
 
-def write_run_pictures(run_dir: str | Path, results: dict, history: list[dict], sample: dict | None) -> list[Path]:
-    """(main process) The run's pictures in run_dir/pictures/; returns their paths."""
+def write_run_pictures(run_dir: str | Path, results: dict, history: list[dict], sample: dict | None,
+                       curve: list | None = None) -> list[Path]:
+    """(main process) The run's pictures in run_dir/pictures/; returns their paths. `curve`: the train
+    loss every few steps ([step, mean loss], progress.curve); None draws the loss per epoch."""
     out = Path(run_dir) / "pictures"
     classes = results["classes"]
     paths = [
-        training_curves(out / "training_curves.png", history),
+        training_curves(out / "training_curves.png", history, curve),
         confusion_matrix(out / "confusion_matrix.png", results["confusion_matrix"], classes),
         per_class_accuracy(out / "per_class_accuracy.png", results["per_class_accuracy"], results["accuracy"]),
     ]

@@ -21,9 +21,7 @@ import numpy as np
 import torch
 
 from dist_cifar import checkpoint as ckpt
-from dist_cifar.config import ConfigError, from_dict
 from dist_cifar.data import DataError, decode_images, is_image_file
-from dist_cifar.models import build_model
 from dist_cifar.pipeline import normalize
 
 
@@ -40,22 +38,6 @@ def parse_args(argv=None):
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
     return args
-
-
-def load_model(path: str, device: str) -> tuple[torch.nn.Module, object, list[str]]:
-    """(network in eval mode, its Config, class names) from a model file or checkpoint folder."""
-    state, saved, classes = ckpt.load_weights(path)
-    try:
-        cfg = from_dict(saved)
-    except ConfigError as err:
-        raise ckpt.CheckpointError(f"the config saved in {path} is not valid here: {err}") from None
-    net = build_model(cfg.model, len(classes), cfg.data.image_size)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise ckpt.CheckpointError(f"{path} does not fit a {cfg.model.name} model: "
-                                   f"{str(err).splitlines()[0]}") from None
-    return net.to(device).eval(), cfg, classes
 
 
 def expand(paths: list[str], errors: list[str]) -> list[str]:
@@ -103,7 +85,7 @@ def classify(net, cfg, files: list[str], *, top_k: int, batch_size: int, errors:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        net, cfg, classes = load_model(args.checkpoint, args.device)
+        net, cfg, classes = ckpt.load_model(args.checkpoint, args.device)
     except ckpt.CheckpointError as err:
         print(f"dist_cifar: error: {err}", file=sys.stderr)
         return 1

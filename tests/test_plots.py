@@ -20,15 +20,11 @@ def run_dir(tmp_path_factory, data_args):
 @pytest.fixture(scope="module")
 def trained(run_dir, data_root):
     """(results, history, network, config, test split) of the real run."""
-    from dist_cifar.checkpoint import load_weights
-    from dist_cifar.config import DataConfig, from_dict
+    from dist_cifar.checkpoint import load_model
+    from dist_cifar.config import DataConfig
     from dist_cifar.data import load_dataset
-    from dist_cifar.models import build_model
 
-    state, config, classes = load_weights(run_dir / "model.safetensors")
-    cfg = from_dict(config)
-    net = build_model(cfg.model, len(classes))
-    net.load_state_dict(state)
+    net, cfg, _ = load_model(run_dir / "model.safetensors")
     results = json.loads((run_dir / "results.json").read_text())
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     test = load_dataset(DataConfig(name="imagefolder", root=str(data_root))).test
@@ -51,7 +47,7 @@ def test_run_pictures_are_written(trained, tmp_path):
     history = history + [dict(history[-1], epoch=2, step=62, test_accuracy=None, lr=0.001),
                          dict(history[-1], epoch=3, step=93, train_loss=1.9, lr=0.0)]
 
-    paths = plots.write_run_pictures(tmp_path, results, history, sample)
+    paths = plots.write_run_pictures(tmp_path, results, history, sample, curve=loss_curve(3 * results["steps"]))
     assert [p.name for p in paths] == ["training_curves.png", "confusion_matrix.png", "per_class_accuracy.png",
                                        "test_predictions.png"]
     for p in paths:
@@ -62,6 +58,36 @@ def test_run_pictures_are_written(trained, tmp_path):
     wrong = sum(t != p for t, p in zip(sample["labels"], sample["predicted"]))
     assert wrong > 0  # a 22 % model: some are wrong
     assert red_pixels(paths[3]) > 0
+
+
+def loss_curve(steps: int) -> list[list]:
+    """A falling [step, mean loss] curve of 20 points, as progress.curve holds."""
+    return [[s, 2.3 - s / (10 * steps)] for s in range(max(1, steps // 20), steps + 1, max(1, steps // 20))][:20]
+
+
+def test_training_curves_draw_the_loss_every_few_steps_for_a_one_epoch_run(trained):
+    results, history, *_ = trained
+    assert results["epochs"] == 1 and len(history) == 1  # per epoch, this run is one point
+    curve = loss_curve(results["steps"])
+    loss, acc, lr = plots.curves_figure(history, curve).axes
+    assert len(curve) == 20 and list(loss.lines[0].get_xdata()) == [s for s, _ in curve]
+    assert list(loss.lines[0].get_ydata()) == [v for _, v in curve]
+    assert list(acc.lines[0].get_xdata()) == [results["steps"]]  # one evaluation, at the end of the epoch
+    assert acc.lines[0].get_ydata()[0] == pytest.approx(100 * history[0]["test_accuracy"])
+    assert "step" in loss.get_xlabel()
+
+
+def test_training_curves_mark_each_evaluation_and_fall_back_to_epochs(trained):
+    results, history, *_ = trained
+    steps = results["steps"]
+    history = history + [dict(history[-1], epoch=2, step=2 * steps, test_accuracy=None),
+                         dict(history[-1], epoch=3, step=3 * steps, test_accuracy=0.3)]
+    loss, acc, _ = plots.curves_figure(history, loss_curve(3 * steps)).axes
+    assert len(loss.lines[0].get_xdata()) == 20
+    assert list(acc.lines[0].get_xdata()) == [steps, 3 * steps]  # evaluated epochs only
+    loss, acc, _ = plots.curves_figure(history, None).axes  # no curve: per epoch, as before
+    assert list(loss.lines[0].get_xdata()) == [1, 2, 3] and list(acc.lines[0].get_xdata()) == [1, 3]
+    assert loss.get_xlabel() == "epoch"
 
 
 def test_all_right_predictions_have_no_red(trained, tmp_path):
