@@ -1,8 +1,14 @@
-"""Evaluate a trained model on a test split: `dist-cifar-evaluate CHECKPOINT [--data-root DIR] [--output FILE]`.
+"""Evaluate a trained model on a test split: `dist-cifar-evaluate MODEL [--data-root DIR] [--out FILE]`.
 
-CHECKPOINT is a run's model.safetensors or a checkpoint folder. Runs on one process or under
-`accelerate launch` / `torchrun` on N: every rank evaluates its shard, the counts are summed once,
-and the main process prints the per-class table and writes the results JSON.
+MODEL is a run's model.safetensors or a checkpoint folder. The results JSON goes next to the model
+(MODEL's folder/evaluation.json; a checkpoint folder: into it), or to --out; the training run's own
+results.json is never touched, and the last line printed says where it went. Runs on one process
+or on N, each evaluating its shard; the counts are summed once and the main process prints the
+per-class table and writes the JSON:
+
+    dist-cifar-evaluate runs/X/model.safetensors
+    torchrun --nproc_per_node 2 -m dist_cifar.evaluate_cli runs/X/model.safetensors
+    accelerate launch --config_file launch/cpu_multi.yaml --num_processes 2 -m dist_cifar.evaluate_cli runs/X/model.safetensors
 """
 
 from __future__ import annotations
@@ -18,60 +24,65 @@ if __package__ in (None, ""):  # run as a file: make the package importable with
 import torch
 
 from dist_cifar import checkpoint as ckpt
-from dist_cifar.config import DATA_ENV, ConfigError, from_dict, to_dict
+from dist_cifar.config import DATA_ENV, data_layout, to_dict
 from dist_cifar.data import DataError, load_dataset
 from dist_cifar.evaluate import confusion_matrix, per_class_table, summarize
-from dist_cifar.models import build_model
 from dist_cifar.runtime import MainLog, NullLog, RunError, build_accelerator, versions
+
+EVALUATION_NAME = "evaluation.json"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="dist-cifar-evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a run's model.safetensors, or a checkpoint folder")
-    parser.add_argument("--data-root", help=f"the data (default: ${DATA_ENV}, else the checkpoint's data.root)")
+    parser = argparse.ArgumentParser(prog="dist-cifar-evaluate", description=__doc__.splitlines()[0],
+                                     epilog="\n".join(__doc__.splitlines()[2:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", metavar="MODEL", help="a run's model.safetensors, or a checkpoint folder")
+    parser.add_argument("--data-root", help=f"the data (default: ${DATA_ENV}, else the model's data.root)")
     parser.add_argument("--data-name", choices=("imagefolder", "cifar10"),
-                        help="layout of --data-root (default: imagefolder if it has train/ and test/ folders)")
-    parser.add_argument("--output", default="results.json", help="results JSON written by the main process")
+                        help="layout of --data-root (default: imagefolder if it has train/ or test/ folders, "
+                             "else cifar10)")
+    parser.add_argument("--out", "--output", dest="out", metavar="FILE",
+                        help=f"where the main process writes the results JSON (default: {EVALUATION_NAME} "
+                             f"next to MODEL, replacing an earlier one there)")
     parser.add_argument("--batch-size", type=int, help="images per process per batch (default: the run's eval_batch_size)")
     parser.add_argument("--tta-level", type=int, choices=(0, 1, 2), help="test-time augmentation (default: the run's)")
     return parser.parse_args(argv)
 
 
-def data_source(args, saved: dict) -> tuple[str, str]:
-    """(data.name, data.root): the command line, then $DIST_CIFAR_DATA, then the checkpoint's config."""
+def output_path(args) -> Path:
+    """--out, else evaluation.json beside the model file (inside a checkpoint folder)."""
+    if args.out:
+        return Path(args.out)
+    model = Path(args.checkpoint)
+    return (model if model.is_dir() else model.parent) / EVALUATION_NAME
+
+
+def data_source(args, cfg) -> tuple[str, str]:
+    """(data.name, data.root): the command line, then $DIST_CIFAR_DATA, then the model's config."""
     root = args.data_root or os.environ.get(DATA_ENV)
     if root is None:
-        return args.data_name or saved["data"]["name"], saved["data"]["root"]
-    guessed = "imagefolder" if (Path(root) / "test").is_dir() else "cifar10"
-    return args.data_name or guessed, root
+        return args.data_name or cfg.data.name, cfg.data.root
+    return args.data_name or data_layout(root), root
 
 
 def evaluate_checkpoint(args) -> dict:
-    """(all ranks) Exact accuracy of the checkpoint on the test split; the main process reports it."""
-    state, saved, classes = ckpt.load_weights(args.checkpoint)
-    name, root = data_source(args, saved)
-    saved = dict(saved, data=dict(saved["data"], name=name, root=root, train_subset=0))
-    cfg = from_dict(saved)
+    """(all ranks) Exact accuracy of the model on the test split; the main process reports it."""
+    net, cfg, classes = ckpt.load_model(args.checkpoint)
+    cfg.data.name, cfg.data.root = data_source(args, cfg)
+    cfg.data.train_subset = 0
+    batch_size = args.batch_size or cfg.train.eval_batch_size
     accelerator, info = build_accelerator(cfg, warn=lambda m: print(f"dist_cifar: warning: {m}", file=sys.stderr)
-                                          if int(os.environ.get("RANK", "0")) == 0 else None)
+                                          if int(os.environ.get("RANK", "0")) == 0 else None, batch_size=batch_size)
     log = MainLog() if accelerator.is_main_process else NullLog()
 
     data = load_dataset(cfg.data, seed=cfg.seed)
     if data.classes != classes:
         raise DataError(f"{args.checkpoint} was trained on classes {classes}, but {data.source} has {data.classes}")
-    net = build_model(cfg.model, len(classes), cfg.data.image_size)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise ckpt.CheckpointError(f"{args.checkpoint} does not fit a {cfg.model.name} model: "
-                                   f"{str(err).splitlines()[0]}") from None
-    if cfg.model.channels_last:
-        net = net.to(memory_format=torch.channels_last)
     net.to(accelerator.device)
 
-    cm = confusion_matrix(net, data.test, len(classes), accelerator=accelerator,
-                          batch_size=args.batch_size or cfg.train.eval_batch_size, mean=cfg.data.mean,
-                          std=cfg.data.std, tta_level=cfg.train.tta_level if args.tta_level is None else args.tta_level,
+    cm = confusion_matrix(net, data.test, len(classes), accelerator=accelerator, batch_size=batch_size,
+                          mean=cfg.data.mean, std=cfg.data.std,
+                          tta_level=cfg.train.tta_level if args.tta_level is None else args.tta_level,
                           channels_last=cfg.model.channels_last)
     summary = summarize(cm, classes)
     results = dict(summary, classes=classes, checkpoint=str(Path(args.checkpoint).resolve()), data=data.source,
@@ -79,11 +90,11 @@ def evaluate_checkpoint(args) -> dict:
                    device=info["device"], mixed_precision=info["mixed_precision"], config=to_dict(cfg),
                    versions=versions())
     log.print(per_class_table(summary))
-    output = Path(args.output)
+    output = output_path(args)
     if accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
         MainLog(output.parent).write_json(output.name, results)
-    log.print(f"results in {output}")
+    log.print(f"evaluation written to {output}")
     return results
 
 
@@ -95,9 +106,6 @@ def main(argv=None) -> int:
     try:
         evaluate_checkpoint(args)
         return 0
-    except ConfigError as err:
-        print(f"dist_cifar: error: the config saved in {args.checkpoint} is not valid here: {err}", file=sys.stderr)
-        return 1
     except (DataError, ckpt.CheckpointError, RunError) as err:
         print(f"dist_cifar: error: {err}", file=sys.stderr)
         return 1

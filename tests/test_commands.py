@@ -22,8 +22,8 @@ def run_dir(tmp_path_factory, data_args):
     return smoke_run(tmp_path_factory, data_args)
 
 
-def command(module: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=child_env(),
+def command(module: str, *args, timeout: float = 300, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=child_env(),
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -37,11 +37,14 @@ def evaluate_on_two_ranks(*args) -> subprocess.CompletedProcess:
 # ---- dist-cifar-evaluate ----
 
 def test_evaluate_reproduces_the_runs_accuracy(run_dir, data_root, tmp_path):
-    out = command("dist_cifar.evaluate_cli", run_dir / "model.safetensors", "--data-root", data_root,
-                  "--output", tmp_path / "results.json")
+    """By default the results go next to the model, not into the working folder, nor over the run's results.json."""
+    trained_bytes = (run_dir / "results.json").read_bytes()
+    out = command("dist_cifar.evaluate_cli", run_dir / "model.safetensors", "--data-root", data_root, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    got = json.loads((tmp_path / "results.json").read_text())
-    trained = json.loads((run_dir / "results.json").read_text())
+    assert list(tmp_path.iterdir()) == [] and (run_dir / "results.json").read_bytes() == trained_bytes
+    assert out.stdout.splitlines()[-1] == f"evaluation written to {run_dir / 'evaluation.json'}"
+    got = json.loads((run_dir / "evaluation.json").read_text())
+    trained = json.loads(trained_bytes)
     assert got["num_eval_samples"] == 10000
     assert got["accuracy"] == trained["accuracy"]
     assert got["confusion_matrix"] == trained["confusion_matrix"]
@@ -52,7 +55,7 @@ def test_evaluate_reproduces_the_runs_accuracy(run_dir, data_root, tmp_path):
 
 def test_evaluate_on_two_gloo_ranks_counts_every_image_once(run_dir, data_root, tmp_path):
     checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]  # a checkpoint folder this time
-    out = evaluate_on_two_ranks(checkpoint, "--data-root", data_root, "--output", tmp_path / "r.json",
+    out = evaluate_on_two_ranks(checkpoint, "--data-root", data_root, "--out", tmp_path / "r.json",
                                 "--batch-size", 128)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads((tmp_path / "r.json").read_text())
@@ -71,7 +74,7 @@ def test_evaluate_refuses_data_with_other_classes(run_dir, data_root, tmp_path):
             for src in sorted((data_root / split / name).iterdir())[:3]:
                 shutil.copy(src, folder)
     out = command("dist_cifar.evaluate_cli", run_dir / "model.safetensors", "--data-root", tmp_path / "two",
-                  "--output", tmp_path / "r.json")
+                  "--output", tmp_path / "r.json")  # the older spelling of --out
     assert out.returncode == 1
     assert "was trained on classes" in out.stderr and "['cat', 'dog']" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "r.json").exists()
@@ -81,10 +84,9 @@ def test_evaluate_refuses_data_with_other_classes(run_dir, data_root, tmp_path):
 
 def test_predict_matches_the_training_preprocessing(run_dir, data_root):
     """Top-1 of predict on test JPEGs equals the model's prediction on the trainer's decoded test split."""
-    from dist_cifar.checkpoint import load_weights
-    from dist_cifar.config import DataConfig, from_dict
+    from dist_cifar.checkpoint import load_model
+    from dist_cifar.config import DataConfig
     from dist_cifar.data import load_dataset
-    from dist_cifar.models import build_model
     from dist_cifar.pipeline import normalize
 
     files = [data_root / "test" / c / f"{i:04d}.jpg" for c in ("cat", "ship") for i in range(6)]
@@ -93,11 +95,7 @@ def test_predict_matches_the_training_preprocessing(run_dir, data_root):
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [line["path"] for line in lines] == [str(f) for f in files]
 
-    state, config, classes = load_weights(run_dir / "model.safetensors")
-    cfg = from_dict(config)
-    net = build_model(cfg.model, len(classes))
-    net.load_state_dict(state)
-    net.eval()
+    net, cfg, classes = load_model(run_dir / "model.safetensors")
     test = load_dataset(DataConfig(name="imagefolder", root=str(data_root))).test
     index = [classes.index(c) * 1000 + i for c in ("cat", "ship") for i in range(6)]  # sorted class/name order
     with torch.no_grad():
