@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from dist_cifar import _accelerate_patches
 from dist_cifar.config import Config
 
+_accelerate_patches.apply()  # once, before any Accelerator exists
+
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal, checkpoint written, resume to continue
 
 
@@ -42,14 +44,15 @@ def resolve_mixed_precision(requested: str | None, warn) -> tuple[str, str]:
     return asked, asked
 
 
-def build_accelerator(cfg: Config, warn=print, **kwargs) -> tuple[Accelerator, dict]:
+def build_accelerator(cfg: Config, warn=print, batch_size: int | None = None, **kwargs) -> tuple[Accelerator, dict]:
     """(all ranks) One Accelerator for however the job was launched; returns it and a description.
 
     Launched as N processes on a machine without GPUs (torchrun, accelerate launch --multi_gpu),
     a plain Accelerator() would give N independent single-process runs; cpu=True makes them one
-    gloo process group. With GPUs, Accelerate picks NCCL and one GPU per process.
+    gloo process group. With GPUs, Accelerate picks NCCL and one GPU per process. `batch_size`
+    (images per process) picks the CPU threads per process when train.threads is 0.
     """
-    _accelerate_patches.apply()
+    check_accelerate_launch()
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cpu = not torch.cuda.is_available()
     init_group_for_restarts(datetime.timedelta(seconds=cfg.dist.timeout_seconds), warn)
@@ -68,7 +71,7 @@ def build_accelerator(cfg: Config, warn=print, **kwargs) -> tuple[Accelerator, d
         raise RunError(f"launched {launched_world} processes (WORLD_SIZE) but the process group has "
                        f"{accelerator.num_processes}: check the launcher's flags")
     if use_cpu:
-        threads = cfg.train.threads or default_threads(cfg.train.per_device_batch_size)
+        threads = cfg.train.threads or default_threads(batch_size or cfg.train.per_device_batch_size or 4)
         torch.set_num_threads(threads)
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none (one process)"
     info = {
@@ -80,6 +83,35 @@ def build_accelerator(cfg: Config, warn=print, **kwargs) -> tuple[Accelerator, d
         "threads_per_process": torch.get_num_threads(),
     }
     return accelerator, info
+
+
+# Every launcher that starts more than one process tells each one the group's size in one of these.
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_accelerate_launch() -> None:
+    """RunError when `accelerate launch` was asked for several processes but started this one alone.
+
+    Without --multi_gpu (or a MULTI_GPU config file) Accelerate's plain launcher runs the script once,
+    whatever --num_processes says: `--cpu --num_processes 2`, or `--num_processes 2` on a machine
+    without GPUs. It exports MASTER_ADDR/MASTER_PORT only when it was asked for more than one process
+    (or machine) and never WORLD_SIZE or RANK (accelerate/utils/launch.py,
+    prepare_simple_launcher_cmd_env), while every launcher that really starts a group sets a world
+    size. ACCELERATE_DYNAMO_BACKEND marks a child of `accelerate launch`; a MASTER_ADDR inherited
+    from the launching shell (its own environment has it too) is not Accelerate's doing.
+    """
+    env = os.environ
+    if "ACCELERATE_DYNAMO_BACKEND" not in env or "MASTER_ADDR" not in env or any(v in env for v in WORLD_SIZE_VARS):
+        return
+    try:
+        launcher_env = Path(f"/proc/{os.getppid()}/environ").read_bytes().split(b"\0")
+    except OSError:
+        launcher_env = []
+    if any(line.startswith(b"MASTER_ADDR=") for line in launcher_env):
+        return
+    raise RunError("accelerate launch was asked for several processes but started ONE (its --cpu flag, or no "
+                   "--multi_gpu, runs a single process): use `accelerate launch --multi_gpu --num_processes N` "
+                   "or `accelerate launch --config_file launch/cpu_multi.yaml --num_processes N`")
 
 
 @contextlib.contextmanager

@@ -30,7 +30,15 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def reset_accelerate() -> None:
-    """Forget the previous run's Accelerator so the next one starts clean in this process."""
+    """Forget the previous run's Accelerator so the next one starts clean in this process.
+
+    Private calls on purpose: Accelerate keeps its state in process-wide singletons (AcceleratorState,
+    PartialState, GradientState) and has no public call that resets them; Accelerator.free_memory()
+    drops models and optimizers but keeps that state (a gradient-sync flag, dataloader references,
+    the first run's precision). Accelerate's own tests do exactly this between runs
+    (accelerate/test_utils/testing.py, AccelerateTestCase.tearDown), so each seed starts as a fresh
+    process would. test_commands.py's sweep test runs two seeds through it.
+    """
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -149,6 +149,26 @@ def test_predict_refuses_unusable_checkpoints(run_dir, data_root, tmp_path):
     assert "does not fit a resnet18 model" in other.stderr and len(other.stderr.splitlines()) == 1
 
 
+# ---- accelerate launch asked for N CPU processes but starting one ----
+
+@pytest.mark.parametrize("flags", [["--cpu", "--num_processes", "2"], ["--num_processes", "2"]],
+                         ids=["--cpu", "no --multi_gpu"])
+def test_accelerate_launch_of_one_process_for_two_stops_with_the_flag_to_use(flags, data_args, tmp_path):
+    if "--cpu" not in flags and torch.cuda.device_count() > 1:
+        pytest.skip("with several GPUs accelerate launch turns --multi_gpu on by itself")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "dist_cifar/train.py",
+           "--config", "configs/smoke.yaml", *data_args, "train.threads=1", f"output_dir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    ours = [line for line in out.stderr.splitlines() if line.startswith("dist_cifar:")]
+    assert ours == ["dist_cifar: error: accelerate launch was asked for several processes but started ONE "
+                    "(its --cpu flag, or no --multi_gpu, runs a single process): use `accelerate launch "
+                    "--multi_gpu --num_processes N` or `accelerate launch --config_file launch/cpu_multi.yaml "
+                    "--num_processes N`"], out.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # stopped before the run folder, the data or the model
+
+
 # ---- dist-cifar-show-data ----
 
 def test_show_data_writes_a_grid(data_args, tmp_path):
