@@ -15,22 +15,35 @@ class ConfigError(ValueError):
     """A user mistake in the configuration: reported as one line, never as a traceback."""
 
 
+def option(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, low=None, high=None, choices=None,
+           resume=False):
+    """A config field and the facts about it, declared once: its allowed values (`low`/`high` bounds,
+    checked on every item of a list, or `choices`), and `resume=True` when a checkpoint written with
+    another value cannot continue this run (the data order, the model or the optimizer would change)."""
+    meta = {"low": low, "high": high, "choices": choices, "resume": resume}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class AugmentConfig:
-    crop_padding: int = 0  # pixels of padding before a random crop back to image_size (0 = no crop)
-    flip: bool = False  # random horizontal flip
-    flip_alternate: bool = False  # flip every other epoch instead of at random (airbench's trick)
+    crop_padding: int = option(0, low=0, resume=True)  # pixels of padding before a random crop back to image_size (0 = no crop)
+    flip: bool = option(False, resume=True)  # random horizontal flip
+    flip_alternate: bool = option(False, resume=True)  # flip every other epoch instead of at random (airbench's trick)
 
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"  # cifar10 (torchvision) | imagefolder (root/train/<class>/*, root/test/<class>/*)
+    # cifar10 (torchvision) | imagefolder (root/train/<class>/*, root/test/<class>/*)
+    name: str = option("cifar10", choices=("cifar10", "imagefolder"))
     root: str = "data"
     download: bool = False  # cifar10 only
-    pipeline: str = "device"  # device (dataset held on the training device) | loader (torch DataLoader)
-    num_workers: int = 2  # loader pipeline only
-    train_subset: int = 0  # train on this many images (a seeded draw); 0 = all
-    image_size: int = 32  # pixels; imagefolder images are resized to this
+    # device (dataset held on the training device) | loader (torch DataLoader)
+    pipeline: str = option("device", choices=("device", "loader"))
+    num_workers: int = option(2, low=0)  # loader pipeline only
+    train_subset: int = option(0, low=0, resume=True)  # train on this many images (a seeded draw); 0 = all
+    image_size: int = option(32, low=8)  # pixels; imagefolder images are resized to this
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     cache_dir: str = ""  # decoded uint8 cache; "" = $DIST_CIFAR_CACHE or ~/.cache/dist_cifar
@@ -39,67 +52,77 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tutorial_net"  # tutorial_net | cpu_net | resnet18 | fastnet
-    widths: list[int] = field(default_factory=lambda: [64, 256, 256])  # fastnet conv-group / cpu_net stage widths
+    name: str = option("tutorial_net", choices=("tutorial_net", "cpu_net", "resnet18", "fastnet"), resume=True)
+    # fastnet conv-group / cpu_net stage widths
+    widths: list[int] = option(factory=lambda: [64, 256, 256], low=1, resume=True)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     sync_batchnorm: bool = False  # GPU only: BatchNorm statistics over all ranks
-    whiten_bias_epochs: int = 0  # fastnet: train the whitening layer's bias for this many epochs, then freeze it; 0 = always
+    # fastnet: train the whitening layer's bias for this many epochs, then freeze it; 0 = always
+    whiten_bias_epochs: int = option(0, low=0)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.001  # peak learning rate for the mean loss of one optimizer step (see lr_reference_batch)
-    lr_reference_batch: int = 0  # >0: lr is per this many images, scaled linearly to the global batch; 0: as given
-    momentum: float = 0.9  # sgd
+    name: str = option("sgd", choices=("sgd", "adamw"), resume=True)
+    lr: float = option(0.001, low=0.0)  # peak learning rate for the mean loss of one optimizer step (see lr_reference_batch)
+    lr_reference_batch: int = option(0, low=0)  # >0: lr is per this many images, scaled linearly to the global batch; 0: as given
+    momentum: float = option(0.9, low=0.0, high=1.0)  # sgd
     nesterov: bool = False  # sgd
-    weight_decay: float = 0.0  # sgd: decoupled (p -= lr * wd * p); adamw: its own decoupled decay
+    weight_decay: float = option(0.0, low=0.0)  # sgd: decoupled (p -= lr * wd * p); adamw: its own decoupled decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    norm_lr_scale: float = 1.0  # lr multiplier for normalisation-layer (BatchNorm) parameters
+    norm_lr_scale: float = option(1.0, low=0.0)  # lr multiplier for normalisation-layer (BatchNorm) parameters
     decay_norm: bool = False  # apply weight_decay to normalisation-layer parameters too
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant"  # constant | linear | cosine | onecycle
-    warmup_fraction: float = 0.0  # of all optimizer steps, linear from initial_lr_fraction to the peak lr
-    initial_lr_fraction: float = 0.0  # lr at step 0 during warmup, as a fraction of the peak
-    final_lr_fraction: float = 0.0  # lr at the last step, as a fraction of the peak
+    name: str = option("constant", choices=("constant", "linear", "cosine", "onecycle"))
+    # of all optimizer steps, linear from initial_lr_fraction to the peak lr
+    warmup_fraction: float = option(0.0, low=0.0, high=1.0)
+    initial_lr_fraction: float = option(0.0, low=0.0, high=1.0)  # lr at step 0 during warmup, as a fraction of the peak
+    final_lr_fraction: float = option(0.0, low=0.0, high=1.0)  # lr at the last step, as a fraction of the peak
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 2
-    per_device_batch_size: int = 4  # images per process per micro-step
-    grad_accum_steps: int = 1  # micro-steps per optimizer step
-    mixed_precision: typing.Optional[str] = None  # no | fp16 | bf16; null = as launched (accelerate --mixed_precision), else no
-    label_smoothing: float = 0.0
-    grad_clip_norm: float = 0.0  # 0 = no clipping
-    ema_decay: float = 0.0  # exponential moving average of the weights, per optimizer step; 0 = off
-    lookahead_every: int = 0  # lookahead: pull fast weights toward slow ones every k optimizer steps; 0 = off
-    lookahead_decay: float = 0.95  # per step; the pull every k steps is decay^k x (t / T)^3
+    epochs: int = option(2, low=1, resume=True)
+    # Images per optimizer step, all processes and accumulation steps together; 0 = per_device_batch_size
+    # x processes x grad_accum_steps. When set, the per-process batch is derived from it and the world
+    # size: the same run on any number of processes that divides it, and a checkpoint continues on any
+    # of them.
+    global_batch_size: int = option(0, low=0)
+    # Images per process per micro-step; null = derived from global_batch_size, or 4 when neither is set.
+    per_device_batch_size: typing.Optional[int] = option(None, low=1)
+    grad_accum_steps: int = option(1, low=1)  # micro-steps per optimizer step
+    # no | fp16 | bf16; null = as launched (accelerate --mixed_precision), else no
+    mixed_precision: typing.Optional[str] = option(None, choices=("no", "fp16", "bf16", None))
+    label_smoothing: float = option(0.0, low=0.0, high=1.0)
+    grad_clip_norm: float = option(0.0, low=0.0)  # 0 = no clipping
+    ema_decay: float = option(0.0, low=0.0, high=1.0)  # exponential moving average of the weights, per optimizer step; 0 = off
+    lookahead_every: int = option(0, low=0)  # lookahead: pull fast weights toward slow ones every k optimizer steps; 0 = off
+    lookahead_decay: float = option(0.95, low=0.0, high=1.0)  # per step; the pull every k steps is decay^k x (t / T)^3
     resume: str = ""  # "" = fresh run | auto = newest complete checkpoint in output_dir | a checkpoint path
-    max_steps: int = 0  # stop after this many optimizer steps (benchmarks); 0 = run all epochs
-    eval_every_epochs: int = 1  # 0 = evaluate only at the end
-    eval_batch_size: int = 500  # images per process
-    tta_level: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
-    target_accuracy: float = 0.0  # stop early once test accuracy reaches this (0..1); 0 = never
-    threads: int = 0  # torch intra-op threads per process on CPU; 0 = cores / local processes
+    max_steps: int = option(0, low=0)  # stop after this many optimizer steps (benchmarks); 0 = run all epochs
+    eval_every_epochs: int = option(1, low=0)  # 0 = evaluate only at the end
+    eval_batch_size: int = option(500, low=1)  # images per process
+    tta_level: int = option(0, low=0, high=2)  # test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
+    target_accuracy: float = option(0.0, low=0.0, high=1.0)  # stop early once test accuracy reaches this (0..1); 0 = never
+    threads: int = option(0, low=0)  # torch intra-op threads per process on CPU; 0 = cores / local processes
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # full-state checkpoint every N optimizer steps; 0 = off
-    every_epochs: int = 1  # and at the end of every N epochs; 0 = off
-    keep_last: int = 2  # newest checkpoints kept (the best one is kept as well)
+    every_steps: int = option(0, low=0)  # full-state checkpoint every N optimizer steps; 0 = off
+    every_epochs: int = option(1, low=0)  # and at the end of every N epochs; 0 = off
+    keep_last: int = option(2, low=1)  # newest checkpoints kept (the best one is kept as well)
 
 
 @dataclass
 class PreemptConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     requeue: bool = True  # under SLURM the main process runs `scontrol requeue $SLURM_JOB_ID`
-    check_every_steps: int = 10  # how often ranks agree on stopping (a collective), multi-process runs
+    check_every_steps: int = option(10, low=1)  # how often ranks agree on stopping (a collective), multi-process runs
 
 
 @dataclass
@@ -108,12 +131,12 @@ class DistConfig:
     # with an error naming the rank and phase: a stuck or vanished rank. The longest legitimate wait is
     # the main process writing a checkpoint or the final results while the others wait (seconds);
     # loading data gets its own, longer limit (decoding an image folder on one node).
-    timeout_seconds: int = 300
+    timeout_seconds: int = option(300, low=5)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # online | offline | disabled
+    mode: str = option("disabled", choices=("online", "offline", "disabled"))
     project: str = "dist_cifar"
     entity: str = ""
     run_name: str = ""
@@ -128,7 +151,7 @@ class TrackingConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = option(0, low=0, resume=True)
     output_dir: str = ""  # the run folder; "" = runs/<config name>-<timestamp>
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,57 +164,31 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-CHOICES = {
-    "data.name": ("cifar10", "imagefolder"),
-    "data.pipeline": ("device", "loader"),
-    "model.name": ("tutorial_net", "cpu_net", "resnet18", "fastnet"),
-    "optim.name": ("sgd", "adamw"),
-    "schedule.name": ("constant", "linear", "cosine", "onecycle"),
-    "train.mixed_precision": ("no", "fp16", "bf16", None),
-    "tracking.wandb.mode": ("online", "offline", "disabled"),
-}
-# key -> (lowest allowed, highest allowed or None); checked after loading.
-BOUNDS = {
-    "seed": (0, None),
-    "data.num_workers": (0, None),
-    "data.train_subset": (0, None),
-    "data.image_size": (8, None),
-    "data.augment.crop_padding": (0, None),
-    "model.widths": (1, None),
-    "model.whiten_bias_epochs": (0, None),
-    "optim.lr": (0.0, None),
-    "optim.lr_reference_batch": (0, None),
-    "optim.momentum": (0.0, 1.0),
-    "optim.weight_decay": (0.0, None),
-    "optim.norm_lr_scale": (0.0, None),
-    "schedule.warmup_fraction": (0.0, 1.0),
-    "schedule.final_lr_fraction": (0.0, 1.0),
-    "schedule.initial_lr_fraction": (0.0, 1.0),
-    "train.epochs": (1, None),
-    "train.per_device_batch_size": (1, None),
-    "train.grad_accum_steps": (1, None),
-    "train.label_smoothing": (0.0, 1.0),
-    "train.grad_clip_norm": (0.0, None),
-    "train.ema_decay": (0.0, 1.0),
-    "train.lookahead_every": (0, None),
-    "train.lookahead_decay": (0.0, 1.0),
-    "train.max_steps": (0, None),
-    "train.eval_every_epochs": (0, None),
-    "train.eval_batch_size": (1, None),
-    "train.tta_level": (0, 2),
-    "train.target_accuracy": (0.0, 1.0),
-    "train.threads": (0, None),
-    "checkpoint.every_steps": (0, None),
-    "checkpoint.every_epochs": (0, None),
-    "checkpoint.keep_last": (1, None),
-    "preempt.check_every_steps": (1, None),
-    "dist.timeout_seconds": (5, None),
-}
+def fields_with_facts(cls=Config, prefix: str = ""):
+    """(dotted key, metadata) of every leaf field declared with `option`."""
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from fields_with_facts(tp, f"{prefix}{f.name}.")
+        elif f.metadata:
+            yield prefix + f.name, f.metadata
+
+
+RESUME_KEYS = tuple(key for key, meta in fields_with_facts() if meta["resume"])
+
+
 SIGNAL_NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 # Points any config at a local copy of the data: an image folder (with train/ and test/) or a
 # torchvision CIFAR-10 root. Command-line overrides still win.
 DATA_ENV = "DIST_CIFAR_DATA"
+
+
+def data_layout(root: str | os.PathLike) -> str:
+    """The one rule for a data folder given without its layout ($DIST_CIFAR_DATA, --data-root):
+    an image folder when it has train/ or test/ class folders, else a torchvision CIFAR-10 root."""
+    root = Path(root)
+    return "imagefolder" if (root / "train").is_dir() or (root / "test").is_dir() else "cifar10"
 
 
 def _type_name(tp) -> str:
@@ -266,17 +263,17 @@ def _get(cfg: Config, key: str):
 
 def validate(cfg: Config) -> None:
     """Reject impossible values, naming the key."""
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
+    for key, meta in fields_with_facts():
+        value, allowed, low, high = _get(cfg, key), meta["choices"], meta["low"], meta["high"]
+        if allowed is not None and value not in allowed:
             shown = ", ".join("null" if a is None else a for a in allowed)
             raise ConfigError(f"{key} must be one of {shown}; got {value!r}")
-    for key, (low, high) in BOUNDS.items():
-        values = _get(cfg, key)
-        for value in values if isinstance(values, list) else [values]:
-            if value < low or (high is not None and value > high):
+        if low is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item < low or (high is not None and item > high):
                 rng = f">= {low}" if high is None else f"between {low} and {high}"
-                raise ConfigError(f"{key} must be {rng}, got {value!r}")
+                raise ConfigError(f"{key} must be {rng}, got {item!r}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("data.mean and data.std must each have 3 values (R, G, B)")
     if any(s <= 0 for s in cfg.data.std):
@@ -290,6 +287,28 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"preempt.signals: unknown signal {sig!r} (use {', '.join(SIGNAL_NAMES)})")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError("optim.nesterov needs optim.momentum > 0")
+
+
+DEFAULT_PER_DEVICE_BATCH = 4
+
+
+def batch_sizes(train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(images per process per micro-step, images per optimizer step) on `world_size` processes."""
+    k = train.grad_accum_steps
+    procs = f"{world_size} process{'es' if world_size != 1 else ''}"
+    if not train.global_batch_size:
+        per_device = train.per_device_batch_size or DEFAULT_PER_DEVICE_BATCH
+        return per_device, per_device * world_size * k
+    total = train.global_batch_size
+    if total % (world_size * k):
+        raise ConfigError(f"train.global_batch_size={total} does not split evenly over {procs} x "
+                          f"train.grad_accum_steps={k}: use a multiple of {world_size * k}")
+    per_device = total // (world_size * k)
+    if train.per_device_batch_size is not None and train.per_device_batch_size != per_device:
+        raise ConfigError(f"train.global_batch_size={total} means {per_device} images per process on {procs} "
+                          f"x train.grad_accum_steps={k}, but train.per_device_batch_size="
+                          f"{train.per_device_batch_size}: set one of them (the other to null)")
+    return per_device, total
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -337,9 +356,8 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
         _merge(cfg, read_yaml(path))
     data_env = os.environ.get(DATA_ENV)
     if data_env:
-        root = Path(data_env)
-        cfg.data.root = str(root)
-        cfg.data.name = "imagefolder" if (root / "train").is_dir() else "cifar10"
+        cfg.data.root = data_env
+        cfg.data.name = data_layout(data_env)
     for text in overrides:
         key, value = _parse_override(text)
         _merge(cfg, _nest(key, value))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -51,13 +52,6 @@ def build_optimizer(cfg: Config, model: nn.Module, global_batch_size: int) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas))
 
 
-def freeze_groups(optimizer, epoch: int) -> None:
-    """Zero the lr of groups whose training ends at `freeze_epoch` (call after each scheduler step)."""
-    for g in optimizer.param_groups:
-        if g.get("freeze_epoch") and epoch >= g["freeze_epoch"]:
-            g["lr"] = 0.0
-
-
 def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based) of `total_steps`."""
     s = cfg.schedule
@@ -77,51 +71,106 @@ def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
     return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * rest))  # cosine
 
 
-def build_scheduler(cfg: Config, optimizer, total_steps: int):
-    """A LambdaLR stepped once per optimizer step (never once per process)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total_steps))
+def build_scheduler(cfg: Config, optimizer, total_steps: int, steps_per_epoch: int):
+    """A LambdaLR stepped once per optimizer step (never once per process). A group with a
+    `freeze_epoch` (fastnet's whitening bias) follows the schedule until that epoch, then has lr 0."""
+    def factor(freeze_epoch):
+        end = freeze_epoch * steps_per_epoch if freeze_epoch else None
+        return lambda step: 0.0 if end is not None and step >= end else lr_factor(cfg, step, total_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g.get("freeze_epoch")) for g in optimizer.param_groups])
 
 
-class WeightAverage:
-    """EMA of all floating-point weights and buffers, or lookahead (slow weights pulled toward the fast ones).
+class NoAverage:
+    """No weight averaging: the loop calls the same hooks and nothing happens."""
 
-    ema: after every optimizer step, avg <- avg + (1 - decay) (w - avg); evaluation uses avg.
-    lookahead: every k steps, slow <- slow + (1 - d_t) (w - slow) and w <- slow, with d_t = decay^k (t/T)^3
-    rising from 0, as in the CIFAR-10 speed records; at the end w <- slow.
-    """
+    def update(self, step: int, total_steps: int) -> None:
+        pass
 
-    def __init__(self, model: nn.Module, mode: str, decay: float, every: int = 1):
-        self.mode, self.decay, self.every = mode, decay, every
+    def end_epoch(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def evaluation_weights(self):
+        yield
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+class WeightAverage(NoAverage):
+    """A second copy of every floating-point weight and buffer of `model`, saved in checkpoints."""
+
+    def __init__(self, model: nn.Module):
         self.live = [v for v in model.state_dict().values() if v.dtype.is_floating_point]
         self.avg = [v.detach().clone() for v in self.live]
+
+    def state_dict(self) -> dict:
+        return {"avg": [a.cpu() for a in self.avg]}
+
+    def load_state_dict(self, state) -> None:
+        if state:
+            for a, s in zip(self.avg, state["avg"]):
+                a.copy_(s)
+
+
+class EMA(WeightAverage):
+    """Exponential moving average: after every optimizer step avg <- avg + (1 - decay) (w - avg);
+    evaluation and the final model use avg, training goes on with w."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int, total_steps: int) -> None:
+        torch._foreach_lerp_(self.avg, self.live, 1 - self.decay)
+
+    @contextlib.contextmanager
+    def evaluation_weights(self):
+        """The averaged weights in the model for the duration (evaluation, the final model file)."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for live, avg in zip(self.live, self.avg):
+            tmp = live.clone()
+            live.copy_(avg)
+            avg.copy_(tmp)
+
+
+class Lookahead(WeightAverage):
+    """Every k steps, slow <- slow + (1 - d_t) (w - slow) and w <- slow, with d_t = decay^k (t/T)^3
+    rising from 0, as in the CIFAR-10 speed records; every epoch, and so the run, ends on the slow weights."""
+
+    def __init__(self, model: nn.Module, decay: float, every: int):
+        super().__init__(model)
+        self.decay, self.every = decay, every
 
     @torch.no_grad()
     def update(self, step: int, total_steps: int) -> None:
         """Call after optimizer step number `step` (1-based)."""
-        if self.mode == "ema":
-            torch._foreach_lerp_(self.avg, self.live, 1 - self.decay)
-        elif step % self.every == 0:
+        if step % self.every == 0:
             d = self.decay ** self.every * (step / total_steps) ** 3
             torch._foreach_lerp_(self.avg, self.live, 1 - d)
             torch._foreach_copy_(self.live, self.avg)
 
     @torch.no_grad()
-    def finish(self) -> None:
-        """Lookahead ends every epoch, and the run, on the slow weights."""
-        if self.mode == "lookahead":
-            torch._foreach_copy_(self.live, self.avg)
+    def end_epoch(self) -> None:
+        torch._foreach_copy_(self.live, self.avg)
 
-    def state_dict(self) -> dict:
-        return {"avg": [a.cpu() for a in self.avg]}
 
-    def load_state_dict(self, state: dict) -> None:
-        for a, s in zip(self.avg, state["avg"]):
-            a.copy_(s)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange live and averaged values (EMA evaluation: swap, evaluate, swap back)."""
-        for live, avg in zip(self.live, self.avg):
-            tmp = live.clone()
-            live.copy_(avg)
-            avg.copy_(tmp)
+def build_average(cfg: Config, model: nn.Module) -> NoAverage:
+    """train.ema_decay, else train.lookahead_every, else no averaging."""
+    if cfg.train.ema_decay:
+        return EMA(model, cfg.train.ema_decay)
+    if cfg.train.lookahead_every:
+        return Lookahead(model, cfg.train.lookahead_decay, cfg.train.lookahead_every)
+    return NoAverage()

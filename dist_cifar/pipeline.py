@@ -8,8 +8,11 @@ be reproduced after a restart without replaying the ones before it.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,7 +121,7 @@ class DeviceBatches:
         return self.steps
 
     def epoch(self, epoch: int, start_step: int = 0):
-        """Yield (images, labels) for micro-steps start_step.. of `epoch`."""
+        """Yield (images, labels, sample indices) for micro-steps start_step.. of `epoch`."""
         plan = epoch_plan(len(self.labels), self.seed, epoch, self.augment_cfg)
         where = self.images.device
         order = plan.order.to(where)
@@ -137,11 +140,12 @@ class DeviceBatches:
                             self.augment_cfg.crop_padding)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, labels
+            yield x, labels, index
 
 
 class LoaderImages(torch.utils.data.Dataset):
-    """One normalised, augmented image per item, for a standard DataLoader (set_epoch before each epoch)."""
+    """(normalised augmented image, label, sample index) per item, for a standard DataLoader (set_epoch
+    before each epoch)."""
 
     def __init__(self, split: Split, *, seed: int, augment_cfg: AugmentConfig, mean, std):
         self.split, self.seed, self.augment_cfg = split, seed, augment_cfg
@@ -158,7 +162,7 @@ class LoaderImages(torch.utils.data.Dataset):
         x = self.normalize(as_tensor(self.split.images[i : i + 1]))
         flip = None if self.plan.flip is None else self.plan.flip[i : i + 1]
         shift = None if self.plan.shift is None else self.plan.shift[i : i + 1]
-        return augment(x, flip, shift, self.augment_cfg.crop_padding)[0], int(self.split.labels[i])
+        return augment(x, flip, shift, self.augment_cfg.crop_padding)[0], int(self.split.labels[i]), i
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -193,3 +197,32 @@ def eval_batches(split: Split, *, batch_size: int, rank: int, world_size: int, m
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, labels[start:stop].to(device, non_blocking=True)
+
+
+class SampleLedger:
+    """Test-only: with $DIST_CIFAR_LEDGER=DIR, every rank appends one JSON line per micro-step to
+    DIR/rank{R}-pid{PID}.jsonl: epoch, the 1-based optimizer step it belongs to, micro-step, rank and
+    the sample indices it trains on. Tests compare what runs on different world sizes trained on."""
+
+    ENV = "DIST_CIFAR_LEDGER"
+
+    def __init__(self, path: Path, rank: int):
+        self.rank = rank
+        self.file = open(path, "a")
+
+    @classmethod
+    def from_env(cls, rank: int) -> "SampleLedger | None":
+        folder = os.environ.get(cls.ENV)
+        if not folder:
+            return None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return cls(Path(folder) / f"rank{rank}-pid{os.getpid()}.jsonl", rank)
+
+    def record(self, epoch: int, step: int, micro_step: int, index: torch.Tensor) -> None:
+        line = {"epoch": epoch, "step": step, "micro_step": micro_step, "rank": self.rank,
+                "indices": [int(i) for i in index.tolist()]}
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

@@ -212,12 +212,14 @@ def test_checkpoint_of_another_config_is_refused(reference_1p, data_args, tmp_pa
     assert snapshot(run_dir) == before
 
 
-def test_checkpoint_of_another_world_size_is_refused(reference_2p, data_args, tmp_path):
+def test_checkpoint_of_another_global_batch_is_refused(reference_2p, data_args, tmp_path):
+    """2 processes x 16 images wrote it; 1 process x 16 would change the data order: refused, naming the key
+    that continues it (tests/test_elastic.py resumes on other world sizes with the same global batch)."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference_2p, run_dir)
     before = snapshot(run_dir)
     line = error_line(run_train(train_args(data_args, run_dir, *AUGMENT, "train.resume=auto"), timeout=120))
-    assert "written by 2 processes" in line and "has 1" in line, line
+    assert "were 32 images" in line and "now 16" in line and "train.global_batch_size=32" in line, line
     assert snapshot(run_dir) == before
 
 
