@@ -9,7 +9,7 @@ import pytest
 
 from dist_cifar.config import load_config
 from dist_cifar.resume import Progress
-from dist_cifar.train import EpochClock, checkpoint_due
+from dist_cifar.bookkeeping import EpochClock, checkpoint_due
 
 STEPS_PER_EPOCH = 10
 
