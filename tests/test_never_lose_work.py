@@ -205,13 +205,13 @@ def test_a_stuck_or_dead_rank_ends_the_job_with_one_line(how, data_args, tmp_pat
 
 @pytest.mark.parametrize("boundary", ["last step of an epoch", "last step of the run"])
 def test_resume_from_a_checkpoint_at_a_boundary_keeps_the_bookkeeping(boundary, data_args, tmp_path):
-    """1,000 images, batch 16: 62 optimizer steps an epoch, 124 in all. Killed right after the step
-    checkpoint at the boundary (before the epoch-end bookkeeping), then resumed."""
+    """1,000 images, batch 16: 62 optimizer steps an epoch, 124 in all. Stopped by SIGTERM right after the
+    boundary's step (its checkpoint is written before the epoch-end bookkeeping), then resumed."""
     run_dir = tmp_path / "run"
     args = train_args(data_args, run_dir, "train.epochs=2", "checkpoint.every_steps=2", "checkpoint.keep_last=3")
     step = 62 if boundary == "last step of an epoch" else 124
-    killed = run_train(args, env={"DIST_CIFAR_FAULT": f"after_save:{step}"}, timeout=180)
-    assert killed.returncode == -signal.SIGKILL and max(steps(run_dir)) == step, tail(killed.stdout)
+    stopped = run_train(args, env={"DIST_CIFAR_FAULT": f"sigterm_at:{step}"}, timeout=180)
+    assert stopped.returncode == 75 and max(steps(run_dir)) == step, tail(stopped.stdout)
     assert json.loads((checkpoint(run_dir, step) / "meta.json").read_text())["test_accuracy"] is None  # mid-epoch
     result = run_train([*args, "train.resume=auto"], timeout=180)
     assert result.returncode == 0, tail(result.stdout)
@@ -225,6 +225,18 @@ def test_resume_from_a_checkpoint_at_a_boundary_keeps_the_bookkeeping(boundary, 
     assert rates == ([None, rates[1]] if step == 62 else [rates[0], None]) and max(r or 0 for r in rates) > 0, rates
     final = json.loads((checkpoint(run_dir, 124) / "meta.json").read_text())
     assert final["epoch"] == 2 and final["test_accuracy"] == r["accuracy"]  # the epoch-end checkpoint
+
+
+def test_the_last_step_of_an_epoch_is_written_once_with_its_bookkeeping(data_args, tmp_path):
+    """checkpoint.every_steps=2 divides the 62-step epoch: step 62 is written once, by the epoch's end,
+    with its test accuracy (it used to be written twice: first bare by the step trigger, then again)."""
+    run_dir = tmp_path / "run"
+    args = train_args(data_args, run_dir, "train.epochs=2", "train.eval_every_epochs=1", "checkpoint.every_steps=2")
+    killed = run_train(args, env={"DIST_CIFAR_FAULT": "after_save:62"}, timeout=180)  # SIGKILL after step 62's first save
+    assert killed.returncode == -signal.SIGKILL and max(steps(run_dir)) == 62, tail(killed.stdout)
+    meta = json.loads((checkpoint(run_dir, 62) / "meta.json").read_text())
+    assert meta["epoch"] == 1 and meta["test_accuracy"] is not None, meta
+    assert metrics_epochs(run_dir) == [1]
 
 
 # ---- 5. bad input, before any work, in one line ----
