@@ -195,6 +195,7 @@ def train_loop(run: Run) -> int:
     main_process = accelerator.is_main_process  # a property that builds Accelerate's state object: read it once
     bar = progress_bar(plan.total_steps, initial=progress.step, enabled=main_process)
     accumulate, autocast = step_contexts(accelerator, plan.accum)
+    parameters = list(model.parameters())  # listed once: model.zero_grad() walks the module tree every step
     ledger = SampleLedger.from_env(accelerator.process_index)  # a test-only record of the samples trained on
     fault = os.environ.get("DIST_CIFAR_FAULT", "")  # test hooks
     curve_every = max(1, plan.steps_per_epoch // CURVE_POINTS_PER_EPOCH)
@@ -226,7 +227,8 @@ def train_loop(run: Run) -> int:
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
-                        model.zero_grad(set_to_none=True)
+                        for p in parameters:  # model.zero_grad(set_to_none=True)
+                            p.grad = None
                 n = len(y)
                 loss_sum.add_(loss.detach(), alpha=n)  # one op, in float64, on the device: no sync per step
                 seen += n
@@ -244,7 +246,7 @@ def train_loop(run: Run) -> int:
                     last_postfix = time.perf_counter()  # .item() is a device sync: only now and then
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                                     img_s=f"{clock.rate() or 0:.0f}")
-                if fault == f"sigterm_at:{progress.step}":  # test hook: a stop signal right after this step
+                if fault and fault == f"sigterm_at:{progress.step}":  # test hook: a stop signal right after this step
                     os.kill(os.getpid(), signal.SIGTERM)
                 if preemption.should_stop(accelerator, progress.step, cfg.preempt.check_every_steps):
                     clock.settle()
