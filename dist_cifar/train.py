@@ -180,9 +180,13 @@ def make_batches(cfg: Config, accelerator, data: Dataset, plan: Plan):
         pin_memory=accelerator.device.type == "cuda"))
 
     def batches(epoch, start):
+        # Accelerate's loader counts its passes and tells the sampler that count as the epoch when a
+        # pass starts: set it (on the skipping loader of a resumed epoch too), or an epoch cut short
+        # (the last step of a run) or a resume would replay another epoch's order.
         images.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        return accelerator.skip_first_batches(loader, start) if start else loader
+        epoch_loader = accelerator.skip_first_batches(loader, start) if start else loader
+        epoch_loader.set_epoch(epoch)
+        return epoch_loader
     return batches
 
 

@@ -76,31 +76,35 @@ def reference(tmp_path_factory, data_args) -> tuple[Path, dict]:
     return root / "run", steps
 
 
-def killed_mid_epoch(data_args, root: Path, nprocs: int) -> Path:
-    """A run of `nprocs` processes, SIGKILLed (every process) once it has a checkpoint at step 15 or later,
-    that is, mid-way through epoch 1. Returns its run folder; its ledger is root/ledger-1."""
+def killed_mid_epoch(data_args, root: Path, nprocs: int, after: int = 15, extra=()) -> Path:
+    """A run of `nprocs` processes, SIGKILLed (every process) once it has a checkpoint at step `after` or
+    later (15: mid-way through epoch 1). Returns its run folder; its ledger is root/ledger-1."""
     run_dir = root / "run"
-    job = start_train(elastic_args(data_args, run_dir), nprocs=nprocs, env={"DIST_CIFAR_LEDGER": str(root / "ledger-1")})
-    job.wait_for(lambda: any(s >= 15 for s in checkpoint_steps(run_dir)), timeout=240, what="a checkpoint at step 15")
+    job = start_train(elastic_args(data_args, run_dir, *extra), nprocs=nprocs,
+                      env={"DIST_CIFAR_LEDGER": str(root / "ledger-1")})
+    job.wait_for(lambda: any(s >= after for s in checkpoint_steps(run_dir)), timeout=240,
+                 what=f"a checkpoint at step {after}")
     job.kill()
     job.wait(60)
     return run_dir
 
 
-def resume_on(data_args, killed: Path, root: Path, nprocs: int, written_by: int, reference) -> str:
+def resume_on(data_args, killed: Path, root: Path, nprocs: int, written_by: int, reference, epoch: int = 1,
+              extra=()) -> str:
     """Copy the killed run, continue it on `nprocs` processes; check samples, accuracy and the log line."""
     reference_dir, reference_steps = reference
     run_dir = root / f"resumed-on-{nprocs}"
     shutil.copytree(killed, run_dir)
-    result = run_train(elastic_args(data_args, run_dir), nprocs=nprocs,
+    result = run_train(elastic_args(data_args, run_dir, *extra), nprocs=nprocs,
                        env={"DIST_CIFAR_LEDGER": str(root / f"ledger-on-{nprocs}")}, timeout=300)
     assert result.returncode == 0, tail(result.stdout)
-    found = re.search(r"resumed from \S+ at epoch 1, step (\d+); resumed on (\d+) process(?:es)? from a checkpoint "
+    found = re.search(rf"resumed from \S+ at epoch {epoch}, step (\d+); resumed on (\d+) process(?:es)? from a checkpoint "
                       r"written by (\d+)", result.stdout)
     assert found, tail(result.stdout)
     resumed_step = int(found[1])
     assert (int(found[2]), int(found[3])) == (nprocs, written_by)
-    assert 15 <= resumed_step < STEPS_PER_EPOCH, f"resumed at step {resumed_step}: not mid-way through epoch 1"
+    first_step = (epoch - 1) * STEPS_PER_EPOCH
+    assert first_step < resumed_step < first_step + STEPS_PER_EPOCH, f"resumed at step {resumed_step}: not mid-epoch"
 
     first, second = ledger(killed.parent / "ledger-1"), ledger(root / f"ledger-on-{nprocs}")
     assert min(second) == resumed_step + 1 and max(second) == TOTAL_STEPS, sorted(second)[:3]
@@ -130,6 +134,15 @@ def test_two_processes_resume_on_one_and_on_three(reference, data_args, tmp_path
 def test_three_processes_resume_on_two(reference, data_args, tmp_path):
     killed = killed_mid_epoch(data_args, tmp_path, nprocs=3)
     resume_on(data_args, killed, tmp_path, nprocs=2, written_by=3, reference=reference)
+
+
+def test_loader_pipeline_resumed_in_epoch_two_on_another_world_size(reference, data_args, tmp_path):
+    """The DataLoader pipeline (Accelerate's loader, 2 workers) gives the device pipeline's samples, also
+    when a run killed in its second epoch resumes on another world size (Accelerate's loader counts its
+    own passes as the sampler's epoch: a resumed epoch used to replay epoch 1's order)."""
+    loader = ["data.pipeline=loader"]
+    killed = killed_mid_epoch(data_args, tmp_path, nprocs=2, after=65, extra=loader)
+    resume_on(data_args, killed, tmp_path, nprocs=1, written_by=2, reference=reference, epoch=2, extra=loader)
 
 
 def test_another_global_batch_is_refused_before_training(reference, data_args, tmp_path):
