@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +126,8 @@ def decode_images(paths: list[str], size: int) -> np.ndarray:
     jobs = [(paths[i : i + chunk], size) for i in range(0, len(paths), chunk)]
     if workers == 1:
         return np.concatenate([_decode(job) for job in jobs])
+    from concurrent.futures import ProcessPoolExecutor  # multiprocessing: only when decoding
+
     with ProcessPoolExecutor(workers) as pool:
         return np.concatenate(list(pool.map(_decode, jobs)))
 
