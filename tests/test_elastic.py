@@ -36,14 +36,21 @@ def elastic_args(data_args, run_dir, *extra) -> list[str]:
             f"output_dir={run_dir}", *extra]
 
 
-def ledger(folder: Path) -> dict[int, list[int]]:
-    """Optimizer step -> the sorted sample indices all ranks trained on in it; checks that ranks and
-    micro-steps never trained on one sample twice within a step."""
+def ledger(folder: Path, up_to: int | None = None) -> dict[int, list[int]]:
+    """Optimizer step -> the sorted sample indices all ranks trained on in it (steps up to `up_to`: a
+    killed attempt's last steps may be cut off on some ranks); checks that ranks and micro-steps never
+    trained on one sample twice within a step, and that every step has its 12 samples."""
     steps: dict[int, list[int]] = defaultdict(list)
     for path in folder.glob("rank*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            steps[record["step"]].extend(record["indices"])
+        lines = path.read_text().splitlines()
+        for n, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut off by SIGKILL: only ever the last one
+                assert n == len(lines) - 1, f"{path}: line {n + 1} is not JSON"
+                continue
+            if up_to is None or record["step"] <= up_to:
+                steps[record["step"]].extend(record["indices"])
     for step, indices in steps.items():
         assert len(indices) == len(set(indices)) == 12, f"step {step}: {len(indices)} samples, duplicates or missing"
     return {step: sorted(indices) for step, indices in steps.items()}
@@ -106,7 +113,7 @@ def resume_on(data_args, killed: Path, root: Path, nprocs: int, written_by: int,
     first_step = (epoch - 1) * STEPS_PER_EPOCH
     assert first_step < resumed_step < first_step + STEPS_PER_EPOCH, f"resumed at step {resumed_step}: not mid-epoch"
 
-    first, second = ledger(killed.parent / "ledger-1"), ledger(root / f"ledger-on-{nprocs}")
+    first, second = ledger(killed.parent / "ledger-1", up_to=resumed_step), ledger(root / f"ledger-on-{nprocs}")
     assert min(second) == resumed_step + 1 and max(second) == TOTAL_STEPS, sorted(second)[:3]
     combined = {**{s: v for s, v in first.items() if s <= resumed_step}, **second}
     differ = [s for s in range(1, TOTAL_STEPS + 1) if combined.get(s) != reference_steps[s]]
