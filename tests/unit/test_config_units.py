@@ -78,6 +78,10 @@ def test_bad_yaml_files(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty).train.epochs == load_config(None).train.epochs
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError):  # safe loader: no Python objects from YAML
+        load_config(unsafe)
 
 
 def test_overrides_win_over_the_file_and_survive_a_round_trip(tmp_path):
