@@ -166,15 +166,17 @@ class Config:
 
 def fields_with_facts(cls=Config, prefix: str = ""):
     """(dotted key, metadata) of every leaf field declared with `option`."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+        tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from fields_with_facts(tp, f"{prefix}{f.name}.")
         elif f.metadata:
             yield prefix + f.name, f.metadata
 
 
-RESUME_KEYS = tuple(key for key, meta in fields_with_facts() if meta["resume"])
+FACTS = tuple(fields_with_facts())  # the declared facts, collected once
+RESUME_KEYS = tuple(key for key, meta in FACTS if meta["resume"])
 
 
 SIGNAL_NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
@@ -263,7 +265,7 @@ def _get(cfg: Config, key: str):
 
 def validate(cfg: Config) -> None:
     """Reject impossible values, naming the key."""
-    for key, meta in fields_with_facts():
+    for key, meta in FACTS:
         value, allowed, low, high = _get(cfg, key), meta["choices"], meta["low"], meta["high"]
         if allowed is not None and value not in allowed:
             shown = ", ".join("null" if a is None else a for a in allowed)

@@ -145,8 +145,9 @@ class DeviceBatches:
         flip = None if plan.flip is None else plan.flip.to(where)  # indexed on the device: no sync per step
         shift = None if plan.shift is None else plan.shift.to(where)
         on_cpu = self.device.type == "cpu"
-        for first in range(start_step, self.steps, max(1, CHUNK_IMAGES // b)):
-            rows = mine[first : first + max(1, CHUNK_IMAGES // b)]
+        per_chunk = max(1, CHUNK_IMAGES // b)
+        for first in range(start_step, self.steps, per_chunk):
+            rows = mine[first : first + per_chunk]
             index = rows.reshape(-1)
             images, labels = self.images.index_select(0, index), self.labels.index_select(0, index)
             if not on_cpu:
