@@ -246,12 +246,15 @@ net() {  # an `ip` command of the network setup; its errors go to log/net.log, a
 
 choose_subnet() {  # SUBNET=10.a.b: a /24 that no address or route of this machine is in
     local h a b k
+    local taken
     h=$((16#${ID:0:6}))
+    # Read once, then search: `ip ... | grep -q` under pipefail fails when grep stops early (SIGPIPE),
+    # which read as "not in use".
+    taken=$({ ip -4 -o addr show; ip -4 route show table all; } 2>/dev/null || true)
     for k in $(seq 0 2047); do
         a=$((200 + ((h >> 8) + k / 256) % 50))
         b=$(((h + k) % 256))
-        if ! { ip -4 -o addr show; ip -4 route show table all; } 2>/dev/null \
-            | grep -qE "(^|[^0-9.])10\.$a\.$b\."; then
+        if ! grep -qE "(^|[^0-9.])10\.$a\.$b\." <<<"$taken"; then
             SUBNET=10.$a.$b
             return 0
         fi
