@@ -19,7 +19,23 @@
 # (.1 = this machine, .11, .12, ... = the nodes); there is no route out of it. Each slurmd runs in a
 # mount namespace whose /etc/hosts (DIR/hosts) names the nodes, so jobs resolve node names as on a
 # real cluster. munged is shared: its socket is a file, reachable from every namespace.
-set -euo pipefail
+#
+# Any command that fails stops `up` with a line naming it (the ERR trap below), and `up` then stops
+# what it started. Under pipefail a pipeline whose grep finds nothing fails, so counts and queries
+# that may legitimately be empty are written to succeed (idle_count, node_states).
+set -Eeuo pipefail
+
+# A command that fails where set -e would end the script: say which, then clean up as die does
+# (once DIR is known). Only in the script's own shell: inside a command substitution errexit is off,
+# and a failure there is the substitution's result, reported by the command that used it.
+on_error() {
+    local rc=$1 line=$2 command=$3
+    [[ $BASHPID == "$$" ]] || return "$rc"
+    if [[ -n ${DIR:-} ]] && declare -F die >/dev/null; then die "line $line: \`$command\` exited with status $rc"; fi
+    echo "[cluster.sh] ERROR: line $line: \`$command\` exited with status $rc" >&2
+    exit 1
+}
+trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
 
 usage() { echo "usage: $0 up DIR [--nodes N] | $0 down DIR" >&2; exit 2; }
 [[ $# -ge 2 ]] || usage
@@ -80,7 +96,8 @@ install_packages() {
         || { tail -n 30 "$DIR/log/apt.log" >&2; die "apt-get install failed"; }
 }
 
-port_in_use() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+# Output read whole, not piped into grep -q: under pipefail an early grep exit can fail ss with SIGPIPE.
+port_in_use() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null || true) ]]; }
 
 free_port() {  # first port >= $1 that nothing listens on
     local p=$1
@@ -198,7 +215,8 @@ write_conf() {
     echo "export SLURM_CONF=$DIR/slurm.conf" >"$DIR/env.sh"
 }
 
-node_state() { SLURM_CONF=$DIR/slurm.conf sinfo -h -N -o %T 2>/dev/null | head -n1; }
+# The first node's state; empty while slurmctld does not answer yet.
+node_state() { { SLURM_CONF=$DIR/slurm.conf sinfo -h -N -o %T 2>/dev/null || true; } | head -n1; }
 
 cmd_up() {
     mkdir -p "$DIR"/{log,pid,run,state,spool}
@@ -314,7 +332,9 @@ teardown_network() {  # everything `up --nodes` made outside DIR; a no-op when t
 }
 
 network_exists() {
-    ip netns list 2>/dev/null | grep -qE "^$NETNS_PREFIX[0-9]+( |$)" || ip link show "$BRIDGE" >/dev/null 2>&1
+    local all
+    all=$(ip netns list 2>/dev/null || true)
+    grep -qE "^$NETNS_PREFIX[0-9]+( |$)" <<<"$all" || ip link show "$BRIDGE" >/dev/null 2>&1
 }
 
 write_conf_multi() {
@@ -331,8 +351,16 @@ write_conf_multi() {
     echo "export SLURM_CONF=$DIR/slurm.conf" >"$DIR/env.sh"
 }
 
-# node_states: "name=state ..." of every node, sorted
-node_states() { SLURM_CONF=$DIR/slurm.conf sinfo -h -N -o '%N=%T' 2>/dev/null | sort | tr '\n' ' '; }
+# node_states: "name=state ..." of every node, sorted; empty while slurmctld does not answer yet
+node_states() { { SLURM_CONF=$DIR/slurm.conf sinfo -h -N -o '%N=%T' 2>/dev/null || true; } | sort | tr '\n' ' '; }
+
+idle_count() {  # how many of the "name=state ..." words in $1 are idle (0 is an answer, not a failure)
+    local word n=0
+    for word in $1; do
+        if [[ $word == *=idle* ]]; then n=$((n + 1)); fi
+    done
+    echo "$n"
+}
 
 all_slurmd_alive() {
     local i
@@ -358,7 +386,7 @@ cmd_up_multi() {
     mkdir -p "$DIR"/{log,pid,run,state,spool}
     [[ $(id -u) -eq 0 ]] || die "must run as root"
     if [[ -f $DIR/slurm.conf ]] && alive "$DIR/pid/slurmctld.pid" && all_slurmd_alive \
-        && [[ $(grep -o '=idle' <<<"$(node_states)" | wc -l) -eq $NODES ]]; then
+        && [[ $(idle_count "$(node_states)") -eq $NODES ]]; then
         log "cluster in $DIR already up"
         echo "export SLURM_CONF=$DIR/slurm.conf"
         return 0
@@ -411,7 +439,7 @@ cmd_up_multi() {
             alive "$DIR/pid/slurmd-$NODE_PREFIX$i.pid" || die "slurmd of $NODE_PREFIX$i exited"
         done
         states=$(node_states)
-        idle=$(grep -o '=idle' <<<"$states" | wc -l)
+        idle=$(idle_count "$states")
         if ((idle == NODES)); then
             check_nodes
             log "$NODES nodes idle after ${SECONDS}s: $states(netns $NETNS_PREFIX<i>, $SUBNET.0/24)"
