@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_cifar import bench
+from dist_cifar import bench, bench_loops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,10 +43,10 @@ def test_tutorial_dataset_gives_what_torchvision_cifar10_gives(tmp_path, monkeyp
 
     write_fake_cifar10(tmp_path, np.random.default_rng(0))
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # the fake files' md5s differ
-    theirs = torchvision.datasets.CIFAR10(str(tmp_path), train=train, transform=bench.tutorial_transform())
+    theirs = torchvision.datasets.CIFAR10(str(tmp_path), train=train, transform=bench_loops.tutorial_transform())
     # what dist_cifar's decoded cache holds: contiguous N x 32 x 32 x 3 uint8 and int64 labels
     images, labels = np.ascontiguousarray(theirs.data), np.asarray(theirs.targets, np.int64)
-    ours = bench.TutorialCIFAR10(tmp_path, images, labels, theirs.classes, transform=bench.tutorial_transform())
+    ours = bench_loops.TutorialCIFAR10(tmp_path, images, labels, theirs.classes, transform=bench_loops.tutorial_transform())
 
     assert isinstance(ours, torchvision.datasets.VisionDataset)
     assert len(ours) == len(theirs) == (30 if train else 5)
@@ -60,7 +60,7 @@ def test_tutorial_dataset_gives_what_torchvision_cifar10_gives(tmp_path, monkeyp
         assert type(y) is type(ty) and y == ty
         assert x.dtype == tx.dtype == torch.float32 and torch.equal(x, tx), i
         assert x.min() >= -1 and x.max() <= 1
-    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=bench.BATCH, shuffle=False)  # noqa: E731
+    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=bench_loops.BATCH, shuffle=False)  # noqa: E731
     for (x, y), (tx, ty) in zip(loader(ours), loader(theirs), strict=True):
         assert torch.equal(x, tx) and torch.equal(y, ty) and y.dtype == ty.dtype == torch.int64
 
@@ -68,8 +68,8 @@ def test_tutorial_dataset_gives_what_torchvision_cifar10_gives(tmp_path, monkeyp
 def test_tutorial_dataset_from_the_cache_holds_the_jpeg_images(data_args, data_root):
     """The in-memory tutorial set built from dist_cifar's decoded cache has the same images and labels,
     in the same order, as torchvision's ImageFolder decoding the JPEG files (the old baseline)."""
-    ours_train, ours_test = bench.tutorial_datasets(data_root)
-    folder_train, folder_test = bench.tutorial_datasets(data_root, "imagefolder")
+    ours_train, ours_test = bench_loops.tutorial_datasets(data_root)
+    folder_train, folder_test = bench_loops.tutorial_datasets(data_root, "imagefolder")
     assert type(ours_train).__name__ == "TutorialCIFAR10" and type(folder_train).__name__ == "ImageFolder"
     assert (len(ours_train), len(ours_test)) == (len(folder_train), len(folder_test)) == (50000, 10000)
     assert ours_train.classes == folder_train.classes and len(ours_train.classes) == 10
