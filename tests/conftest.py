@@ -36,12 +36,55 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RA
 _LOG_ROOT: Path | None = None  # the jobs' output files: under pytest's session tmp folder once it exists
 
 
+# Under pytest-xdist (tests/run.sh starts two workers) each test file is one unit of work, handed to
+# whichever worker is free, longest first so the two end together: FILE_SECONDS are one serial run's
+# seconds per file (the 2-core dev machine, 2026-11-28; only their order matters). So a file's module
+# fixtures (reference runs) are built once, and the two SLURM files are one unit: the test clusters
+# live in one worker. Unit tests are handed out one by one, last.
+FILE_SECONDS = {"test_slurm": 150, "test_slurm_multinode": 140, "test_never_lose_work": 260, "test_resume": 150,
+                "test_distributed": 120, "test_features": 120, "test_elastic": 110, "test_bench": 90,
+                "test_commands": 70, "test_tracking": 60, "test_plots": 25, "test_config": 20, "test_logs": 15,
+                "test_readme": 10}
+UNITS = {"test_slurm": "slurm", "test_slurm_multinode": "slurm"}
+
+
+def work_unit(nodeid: str) -> str:
+    """The work unit of a test: its file's (the SLURM files share one), or the test itself in tests/unit/."""
+    path = nodeid.split("::", 1)[0]
+    if path.startswith("tests/unit/"):
+        return nodeid
+    stem = Path(path).stem
+    return UNITS.get(stem, stem)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test outside tests/unit/ is `slow` (real processes, real images): `-m "not slow"` is the fast tier."""
-    unit = REPO / "tests" / "unit"
+    """Every test outside tests/unit/ is `slow` (real processes, real images): `-m "not slow"` is the
+    fast tier. Under xdist, the longest work units come first (collection happens in each worker)."""
     for item in items:
-        if unit not in Path(item.path).resolve().parents:
+        if not item.nodeid.startswith("tests/unit/"):
             item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        files: dict[str, set[str]] = {}
+        for item in items:
+            files.setdefault(work_unit(item.nodeid), set()).add(Path(item.path).stem)
+        seconds = {unit: sum(FILE_SECONDS.get(stem, 30) for stem in stems) for unit, stems in files.items()}
+        for unit in seconds:
+            if unit.startswith("tests/unit/"):
+                seconds[unit] = 0
+        items.sort(key=lambda item: -seconds[work_unit(item.nodeid)])  # stable: a file keeps its order
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduler by scope, with work_unit as the scope and the collection's order kept."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return ByWorkUnit(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -54,10 +97,15 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
-    """(autouse) $DIST_CIFAR_CACHE -> a fresh folder for this session, so no test reads a stale cache."""
+    """(autouse) $DIST_CIFAR_CACHE -> a fresh folder for this session, so no test reads a stale cache.
+    xdist's workers share one (data.py's lock lets one of them decode while the other waits)."""
     global _LOG_ROOT
     _LOG_ROOT = tmp_path_factory.mktemp("train-logs")
-    path = tmp_path_factory.mktemp("data-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "data-cache"  # the run's folder, above the workers'
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("data-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIST_CIFAR_CACHE", str(path))
         yield path
