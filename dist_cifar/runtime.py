@@ -242,8 +242,9 @@ def init_group_for_restarts(timeout: datetime.timedelta, warn) -> None:
 def default_threads(per_device_batch_size: int) -> int:
     """CPU threads per process: the cores shared among local ranks, but one for batches under 16,
     whose ops are too small to split (measured on 2 idle cores: batch 4 runs 3x faster on one thread
-    than on two; batch 64 1.6x faster on two). On cores busy with other work, two threads per process
-    slow to a crawl: set train.threads=1 there."""
+    than on two; batch 64 1.6x faster on two). On cores busy with other work two threads per process
+    lose about a quarter of their speed (two thirds without train.py's OMP_WAIT_POLICY=PASSIVE);
+    train.threads=1 avoids even that."""
     if per_device_batch_size < 16:
         return 1
     cores = len(os.sched_getaffinity(0))

@@ -20,6 +20,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the package importable without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# torch's OpenMP threads sleep as soon as they wait instead of spinning first. On cores shared with
+# other work (other ranks, other jobs, a test suite) a spinning thread holds a core its partner needs:
+# configs/cpu_fast.yaml (2 threads, batch 128) trained at 897-1,040 images/s beside one busy process
+# without this and at 2,089-2,310 with it, and at the same speed on idle cores (medians 2,908 and
+# 2,911 images/s of four interleaved runs each; 2 cores, 2026-11-28). OpenMP reads it once, when torch
+# loads it, so it is set before torch is imported; an OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -66,3 +66,40 @@ def test_clock_pauses_for_saves_and_counts_every_image_once():
 
 def test_clock_without_steps_has_no_rate():
     assert EpochClock(Progress()).rate() is None
+
+
+WATCH_TORCH_IMPORT = """
+import os, sys
+seen = []
+class Watch:  # records OMP_WAIT_POLICY at the moment torch is first imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+sys.meta_path.insert(0, Watch())
+import runpy
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_trainer_sets_openmps_wait_policy_before_torch_loads(given, expected):
+    """train.py, run as a file (as torchrun and accelerate launch run it), sets OMP_WAIT_POLICY=PASSIVE
+    before torch (and its OpenMP) load, unless the environment already says otherwise."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    script = Path(__file__).resolve().parents[2] / "dist_cifar" / "train.py"
+    out = subprocess.run([sys.executable, "-c", WATCH_TORCH_IMPORT, str(script)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == expected
