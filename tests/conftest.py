@@ -108,6 +108,10 @@ def cache_dir(tmp_path_factory) -> Path:
         path = tmp_path_factory.mktemp("data-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIST_CIFAR_CACHE", str(path))
+        # Two workers share the cores: every child's OpenMP threads sleep when they wait, as the
+        # trainer's do (train.py), so other children (the benchmark's tutorial loop) don't crawl.
+        # Results are unchanged: the wait policy does not touch the arithmetic.
+        mp.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
         yield path
 
 
