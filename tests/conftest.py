@@ -67,10 +67,8 @@ def pytest_collection_modifyitems(config, items):
         files: dict[str, set[str]] = {}
         for item in items:
             files.setdefault(work_unit(item.nodeid), set()).add(Path(item.path).stem)
-        seconds = {unit: sum(FILE_SECONDS.get(stem, 30) for stem in stems) for unit, stems in files.items()}
-        for unit in seconds:
-            if unit.startswith("tests/unit/"):
-                seconds[unit] = 0
+        seconds = {unit: 0 if unit.startswith("tests/unit/") else sum(FILE_SECONDS.get(stem, 30) for stem in stems)
+                   for unit, stems in files.items()}
         items.sort(key=lambda item: -seconds[work_unit(item.nodeid)])  # stable: a file keeps its order
 
 
