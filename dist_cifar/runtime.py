@@ -166,17 +166,38 @@ def collective_failure(err: BaseException) -> str | None:
     return f"rank {rank} of {world}: {why}, during {PHASE}: {first}"
 
 
+# Spins on core 0 until killed, or until the process that started it is gone (its parent id changes).
+_SPIN = "import os\nos.sched_setaffinity(0, {0})\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+_starved: list[int] = []  # the threads the starve hook slowed, and its spinning process
+_spinner: subprocess.Popen | None = None
+
+
 def starve_collective_threads() -> None:
     """Test hook (DIST_CIFAR_FAULT=starve_gloo): the process group's worker threads get the lowest CPU
-    priority on core 0, so they lag behind the main thread as on a heavily loaded machine."""
+    priority on core 0, beside a process spinning there, so they lag behind the main thread as on a
+    heavily loaded machine; leave() lets them run again as the process ends, where the race was."""
+    global _spinner
+    _spinner = subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.DEVNULL)
     for tid in os.listdir("/proc/self/task"):
         try:
             name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
             if "gloo" in name:
                 os.sched_setaffinity(int(tid), {0})
                 os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+                _starved.append(int(tid))
         except OSError:
             pass
+
+
+def _release_starved_threads() -> None:
+    if _spinner is not None:
+        _spinner.kill()
+        _spinner.wait()
+    cores = os.sched_getaffinity(0)
+    for tid in _starved:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.sched_setaffinity(tid, cores)
 
 
 def leave(code: int) -> None:
@@ -191,6 +212,7 @@ def leave(code: int) -> None:
     pthread_exit -> std::terminate. Everything the run writes is closed by now, so leaving with
     os._exit, after flushing, loses nothing and never starts the finalisation that races the thread.
     """
+    _release_starved_threads()
     if not _had_process_group:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
