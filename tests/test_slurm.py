@@ -163,6 +163,10 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, data_root,
     runs = tmp_path / "runs"
     job = slurm_cluster.submit("slurm/cpu.sbatch", *args, extra_sbatch_args=("--ntasks", "2"),
                                env={"DIST_CIFAR_RUNS": str(runs)})
+    # The same run without the interruption, beside it (the test node has room for both): it must end
+    # with the same weights, hence the same accuracy.
+    straight = slurm_cluster.submit("slurm/cpu.sbatch", *args, extra_sbatch_args=("--ntasks", "2"),
+                                    env={"DIST_CIFAR_RUNS": str(runs)})
     run_dir = runs / f"slurm-{job}"
     checkpoints = run_dir / "checkpoints"
 
@@ -186,9 +190,6 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, data_root,
     interrupted = _results(runs, job, slurm_cluster)
     assert interrupted["world_size"] == 2 and interrupted["num_eval_samples"] == 10000
 
-    # The same run without the interruption ends with the same weights, hence the same accuracy.
-    straight = slurm_cluster.submit("slurm/cpu.sbatch", *args, extra_sbatch_args=("--ntasks", "2"),
-                                    env={"DIST_CIFAR_RUNS": str(runs)})
     state = slurm_cluster.wait(straight, timeout=300)
     assert state == "COMPLETED", slurm_cluster.log(straight)
     assert slurm_cluster.restarts(straight) == 0

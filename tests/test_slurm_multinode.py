@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_train, tail
+from conftest import run_train, start_train, tail
 from test_elastic import max_weight_difference
 from test_slurm import CLUSTER_SH, SlurmCluster, _results, _unavailable
 
@@ -172,11 +172,8 @@ def test_usr1_on_two_nodes_requeued_onto_one_node_resumes(two_node_cluster, data
     would have."""
     cluster = two_node_cluster
     runs = tmp_path / "runs"
-    reference_dir = tmp_path / "two-processes"
-    proc = run_train([*ELASTIC_ARGS, *data_args, f"output_dir={reference_dir}"], nprocs=2, timeout=JOB_TIMEOUT_S)
-    assert proc.returncode == 0, f"local 2-process run failed ({proc.returncode}):\n{tail(proc.stdout)}"
-    reference = json.loads((reference_dir / "results.json").read_text())
-
+    reference_dir = tmp_path / "two-processes"  # the same run on 2 local processes, beside the job
+    reference_run = start_train([*ELASTIC_ARGS, *data_args, f"output_dir={reference_dir}"], nprocs=2)
     job = cluster.submit("slurm/cpu.sbatch", *ELASTIC_ARGS, *data_args,
                          extra_sbatch_args=("--nodes", "2", "--ntasks-per-node", "1"),
                          env={"DIST_CIFAR_RUNS": str(runs)})
@@ -210,6 +207,9 @@ def test_usr1_on_two_nodes_requeued_onto_one_node_resumes(two_node_cluster, data
     after = _task_hosts(cluster, job, r"task 0: rank 0 of 1 on host (\S+)")
     assert sorted(before) == cluster.nodes and len(after) == 1 and after[0] in cluster.nodes, cluster.log(job)
 
+    proc = reference_run.result(JOB_TIMEOUT_S)
+    assert proc.returncode == 0, f"local 2-process run failed ({proc.returncode}):\n{tail(proc.stdout)}"
+    reference = json.loads((reference_dir / "results.json").read_text())
     results = _results(runs, job, cluster)
     assert (results["world_size"], results["global_batch_size"], results["num_eval_samples"]) == (1, 32, 10000)
     assert results["steps"] == reference["steps"] and 0 < int(resumed[2]) < reference["steps"], (
