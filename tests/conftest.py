@@ -3,7 +3,8 @@ training processes (one process, a torchrun gloo group, or ranks started one by 
 
 Fixtures
   data_root   the CIFAR-10 JPEG image folder (train/<class>/, test/<class>/), session-wide
-  cache_dir   a per-session decoded-data cache; $DIST_CIFAR_CACHE points at it for every child process
+  cache_dir   a per-session decoded-data cache ($DIST_CIFAR_TEST_CACHE if set); $DIST_CIFAR_CACHE points
+              at it for every child process
   data_args   config overrides that train on data_root, with the cache already decoded (session)
 
 Helpers (import them: `from conftest import run_train, start_train, free_port`)
@@ -72,7 +73,7 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: -seconds[work_unit(item.nodeid)])  # stable: a file keeps its order
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: `-p no:xdist` runs without xdist
 def pytest_xdist_make_scheduler(config, log):
     """xdist's scheduler by scope, with work_unit as the scope and the collection's order kept."""
     from xdist.scheduler import LoadScopeScheduling
@@ -96,10 +97,14 @@ def data_root() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
     """(autouse) $DIST_CIFAR_CACHE -> a fresh folder for this session, so no test reads a stale cache.
-    xdist's workers share one (data.py's lock lets one of them decode while the other waits)."""
+    xdist's workers share one (data.py's lock lets one of them decode while the other waits), and
+    $DIST_CIFAR_TEST_CACHE names one to share with the caller (.ci/run's quick start decodes into it)."""
     global _LOG_ROOT
     _LOG_ROOT = tmp_path_factory.mktemp("train-logs")
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get("DIST_CIFAR_TEST_CACHE"):
+        path = Path(os.environ["DIST_CIFAR_TEST_CACHE"])
+        path.mkdir(parents=True, exist_ok=True)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
         path = tmp_path_factory.getbasetemp().parent / "data-cache"  # the run's folder, above the workers'
         path.mkdir(exist_ok=True)
     else:
