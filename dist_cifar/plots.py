@@ -23,7 +23,7 @@ RIGHT = "#2ca02c"  # green: a right one
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=110)
     tmp.replace(path)  # a reader never sees half a picture
     return path
 
@@ -124,17 +124,33 @@ def per_class_accuracy(path: Path, per_class: dict[str, float], accuracy: float)
 
 def image_grid(path: Path, images: np.ndarray, titles: list[str], colors: list[str] | None = None,
                title: str = "") -> Path:
-    """uint8 N x H x W x 3 images in a grid of up to 8 columns, each with its title (and title colour)."""
+    """uint8 N x H x W x 3 images in a grid of up to 8 columns, each with its title (and title colour).
+
+    One mosaic on one axes: a grid of 32 separate axes takes matplotlib about ten times longer to lay out
+    and draw (1.3 s against 0.16 s here), and the pictures are written at the end of every run."""
     n = len(images)
     cols = min(8, max(n, 1))
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(1.45 * cols, 1.65 * rows + (0.4 if title else 0)), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for i, ax in enumerate(axes):
-        ax.set_axis_off()
-        if i < n:
-            ax.imshow(images[i], interpolation="nearest")
-            ax.set_title(titles[i], fontsize=7, color=colors[i] if colors else "black")
+    height, width = images.shape[1:3] if n else (32, 32)
+    lines = max([t.count("\n") + 1 for t in titles] or [1])
+    gap = max(2, width // 8)  # white between tiles
+    cell_w = width + gap
+    inches = 1.45 / cell_w  # per mosaic pixel: a tile 1.45 inches wide, the figure shaped like the mosaic
+    head = math.ceil((0.14 * lines + 0.03) / inches)  # room for a 7-point title above each tile
+    cell_h = head + height + gap
+    mosaic = np.full((rows * cell_h, cols * cell_w, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = (i // cols) * cell_h + head, (i % cols) * cell_w + gap // 2
+        mosaic[top:top + height, left:left + width] = image[..., :3]
+    top = 0.45 if title else 0.05
+    fig = Figure(figsize=(cols * cell_w * inches + 0.1, rows * cell_h * inches + top + 0.05))
+    ax = fig.add_axes((0.05 / fig.get_figwidth(), 0.05 / fig.get_figheight(),
+                       1 - 0.1 / fig.get_figwidth(), 1 - (top + 0.05) / fig.get_figheight()))
+    ax.set_axis_off()
+    ax.imshow(mosaic, interpolation="nearest")
+    for i in range(n):
+        x, y = (i % cols) * cell_w + gap // 2 + width / 2, (i // cols) * cell_h + head - 1
+        ax.text(x, y, titles[i], ha="center", va="bottom", fontsize=7, color=colors[i] if colors else "black")
     if title:
         fig.suptitle(title)
     return _save(fig, path)
