@@ -168,8 +168,8 @@ def collective_failure(err: BaseException) -> str | None:
 
 # Spins on core 0 until killed, or until the process that started it is gone (its parent id changes).
 _SPIN = "import os\nos.sched_setaffinity(0, {0})\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
-_starved: list[int] = []  # the threads the starve hook slowed, and its spinning process
-_spinner: subprocess.Popen | None = None
+_starved: list[int] = []  # the threads the starve hook slowed
+_spinner: subprocess.Popen | None = None  # its process spinning on core 0
 
 
 def starve_collective_threads() -> None:

@@ -10,21 +10,28 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # install PACKAGES...: uv when it can (about 4x faster than pip for torch's 5 GB of wheels), with pip's
 # own settings (indexes, find-links, version caps, certificates) passed on to it; pip when uv cannot.
-install() {
-    local settings=(UV_INDEX_STRATEGY=unsafe-best-match) line key value
+# uv_settings reads pip's settings and installs uv, once.
+uv_env=() uv_checked=
+uv_settings() {
+    uv_checked=1
+    local line key value
+    uv_env=(UV_INDEX_STRATEGY=unsafe-best-match)
     while IFS= read -r line; do
         key=${line%%=*} value=${line#*=}
         value=${value#\'} value=${value%\'}
         case ${key##*.} in
-            index-url) settings+=("UV_DEFAULT_INDEX=$value") ;;
-            extra-index-url) settings+=("UV_INDEX=$value") ;;
-            find-links) settings+=("UV_FIND_LINKS=${value// /,}") ;;
-            constraint) settings+=("UV_CONSTRAINT=$value") ;;
-            cert) settings+=("SSL_CERT_FILE=$value") ;;
+            index-url) uv_env+=("UV_DEFAULT_INDEX=$value") ;;
+            extra-index-url) uv_env+=("UV_INDEX=$value") ;;
+            find-links) uv_env+=("UV_FIND_LINKS=${value// /,}") ;;
+            constraint) uv_env+=("UV_CONSTRAINT=$value") ;;
+            cert) uv_env+=("SSL_CERT_FILE=$value") ;;
         esac
     done < <(.venv/bin/python -m pip config list 2>/dev/null || true)
-    if .venv/bin/python -m pip install -q uv 2>/dev/null \
-        && env "${settings[@]}" .venv/bin/uv pip install -q --python .venv/bin/python "$@"; then
+    [[ -x .venv/bin/uv ]] || .venv/bin/python -m pip install -q uv 2>/dev/null || uv_env=()
+}
+install() {
+    [[ -n $uv_checked ]] || uv_settings
+    if [[ ${#uv_env[@]} -gt 0 ]] && env "${uv_env[@]}" .venv/bin/uv pip install -q --python .venv/bin/python "$@"; then
         return 0
     fi
     echo "tests/run.sh: uv could not install $*; using pip" >&2
@@ -35,7 +42,6 @@ if ! .venv/bin/python -c "import dist_cifar, pytest, xdist, torch, torchvision" 
     install "torch==2.14.1" "torchvision==0.29.1" || install torch torchvision
     install -e ".[test]"
 fi
-export DIST_CIFAR_CACHE=${DIST_CIFAR_CACHE:-$(mktemp -d /tmp/dist_cifar_cache.XXXXXX)}
 # Two pytest-xdist workers unless the arguments choose (-n N, -p no:xdist): the suite spends about
 # half its time waiting on processes and SLURM, so two workers keep both cores busy. Each test file
 # runs whole in one worker, longest files first (tests/conftest.py).
