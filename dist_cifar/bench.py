@@ -1,6 +1,7 @@
 """Benchmark: dist_cifar against the PyTorch tutorial's own loop and the bare model step, side by side.
 
 `python -m dist_cifar.bench [--steps 3000] [--repeats 3] [--time-to-accuracy] [--imagefolder-baseline] [--out FILE] [--quick]`
+(`python -m dist_cifar.bench --gpu ...`: the GPU peer benchmark, dist_cifar/bench_gpu.py)
 
 Every measurement runs in its own child process, so each one pays its own start-up and has its own
 peak memory; the measurements are interleaved (A, B, C, A, B, C, ...) so a busy machine slows them
@@ -94,50 +95,70 @@ def pss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_watched(cmd: list[str], log_path: Path, timeout: float = CHILD_TIMEOUT_SECONDS) -> dict:
-    """Run `cmd` to the end; its wall time from launch, peak RSS (wait4) and sampled peak PSS of its tree."""
+def stop(proc: subprocess.Popen, grace_seconds: float = 10.0) -> None:
+    """SIGTERM (torchrun passes it on to its workers), then SIGKILL if it is still running after the grace."""
+    proc.terminate()
+    try:
+        proc.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_watched(cmd: list[str], log_path: Path, timeout: float = CHILD_TIMEOUT_SECONDS, check: bool = True) -> dict:
+    """Run `cmd` to the end; its wall time from launch, peak RSS (wait4) and sampled peak PSS of its tree.
+    A non-zero exit raises BenchError, or with check=False is only reported as `exit_code`."""
     load = os.getloadavg()[0]
     launched = time.time()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     peak_pss, most_processes, next_sample = 0.0, 1, 0.0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        now = time.time()
-        if now >= next_sample:
-            tree = descendants(proc.pid)
-            peak_pss = max(peak_pss, sum(pss_mb(p) for p in tree))
-            most_processes, next_sample = max(most_processes, len(tree)), now + MEMORY_SAMPLE_SECONDS
-        if now - launched > timeout:
-            proc.kill()
-        time.sleep(0.02)
+    try:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            now = time.time()
+            if now >= next_sample:
+                tree = descendants(proc.pid)
+                peak_pss = max(peak_pss, sum(pss_mb(p) for p in tree))
+                most_processes, next_sample = max(most_processes, len(tree)), now + MEMORY_SAMPLE_SECONDS
+            if now - launched > timeout:
+                proc.kill()
+            time.sleep(0.02)
+    except BaseException:  # the benchmark was stopped (Ctrl-C, a signal): its child must not outlive it
+        stop(proc)
+        raise
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    if proc.returncode != 0:
+    if proc.returncode != 0 and check:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise BenchError(f"{' '.join(cmd[:6])} ... exited with {proc.returncode}; its log ends:\n{tail}")
     return {"launched": launched, "wall_seconds": time.time() - launched, "peak_rss_mb": usage.ru_maxrss * 1024 / 1e6,
             "peak_pss_all_mb": peak_pss, "processes": most_processes, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "load_average_1min": load}
+            "load_average_1min": load, "exit_code": proc.returncode}
 
 
 def run_child(kind: str, args, work: Path, tag: str, **options) -> dict:
-    """Run one of dist_cifar.bench_loops in a fresh interpreter; its result merged with the watch."""
+    """Run one of dist_cifar.bench_loops in a fresh interpreter; its result merged with the watch.
+    `options` become its flags (max_steps=5: --max-steps 5)."""
     out = work / f"{tag}.json"
     cmd = [sys.executable, "-m", "dist_cifar.bench_loops", kind, "--out", str(out), "--data", str(args.data)]
     for key, value in options.items():
-        cmd += [f"--{key}", str(value)]
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
     watched = run_watched(cmd, work / f"{tag}.log")
     return {**json.loads(out.read_text()), **watched}
 
 
-def run_trainer(config: Path, args, work: Path, tag: str, *overrides: str) -> tuple[dict, dict, list[dict]]:
-    """`python -m dist_cifar.train` on the data; returns the watch, results.json and metrics.jsonl."""
+def run_trainer(config: Path, args, work: Path, tag: str, *overrides: str, launcher: tuple = (),
+                check: bool = True) -> tuple[dict, dict, list[dict]]:
+    """`python -m dist_cifar.train` on the data (after `launcher`, e.g. torchrun's module and flags);
+    returns the watch, results.json and metrics.jsonl (both empty after a failure with check=False)."""
     run_dir = work / tag
-    cmd = [sys.executable, "-m", "dist_cifar.train", "--config", str(config), "data.name=imagefolder",
+    cmd = [sys.executable, *launcher, "-m", "dist_cifar.train", "--config", str(config), "data.name=imagefolder",
            f"data.root={args.data}", f"output_dir={run_dir}", "tracking.plots=false", *overrides]
-    watched = run_watched(cmd, work / f"{tag}.log")
+    watched = run_watched(cmd, work / f"{tag}.log", check=check)
+    if watched["exit_code"]:
+        return watched, {}, []
     results = json.loads((run_dir / "results.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return watched, results, metrics
@@ -287,21 +308,30 @@ def table(result: dict) -> str:
         c = result["imagefolder_comparison"]
         lines += ["", f"tutorial (in memory) / ImageFolder loop, images/s: "
                       f"{c['tutorial_over_tutorial_imagefolder_images_per_second']:.2f}x"]
-    lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
-    for t in result["targets"]:
+    return "\n".join(lines + targets_table(result["targets"]))
+
+
+def targets_table(targets: list[dict], unjudged: str = "-") -> list[str]:
+    """The targets as markdown rows; `unjudged` marks a target with no verdict."""
+    lines = ["", "| target | value | limit | met |", "|---|---|---|---|"]
+    for t in targets:
         value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
-        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        met = unjudged if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['target']} | {value} | {t['limit']} | {met} |")
-    return "\n".join(lines)
+    return lines
 
 
 # ---- entry point ----
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="dist-cifar-bench", description=__doc__.splitlines()[0])
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
     default_data = os.environ.get("DIST_CIFAR_DATA") or REPO.parent / "shared" / "data" / "cifar10-jpeg"
     parser.add_argument("--data", type=Path, default=Path(default_data),
                         help="image folder with train/<class>/ and test/<class>/ (default: $DIST_CIFAR_DATA or %(default)s)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="dist-cifar-bench", description=__doc__.splitlines()[0])
+    add_data_argument(parser)
     parser.add_argument("--steps", type=int, help="timed training steps of batch 4 per run (default 3000; 300 with --quick)")
     parser.add_argument("--warmup", type=int, help="untimed steps before the tutorial and bare-step timing (default 50)")
     parser.add_argument("--repeats", type=int, help="runs of each measurement, interleaved (default 3; 1 with --quick)")
@@ -314,6 +344,9 @@ def parse_args(argv=None):
                         help="also time the tutorial's loop on ImageFolder JPEGs (decoded every epoch), labelled "
                              "tutorial_imagefolder and kept out of the ratios and targets (its rate only)")
     parser.add_argument("--quick", action="store_true", help="a short check: 300 steps, 20 warm-up, 1 repeat")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU peer benchmark instead (dist_cifar.bench_gpu: airbench94 and the tutorial's "
+                             "loop on one GPU beside dist_cifar); `--gpu --help` lists its options")
     args = parser.parse_args(argv)
     args.steps = args.steps or (300 if args.quick else 3000)
     args.warmup = args.warmup or (20 if args.quick else 50)
@@ -323,6 +356,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu" in argv:
+        from dist_cifar import bench_gpu
+
+        return bench_gpu.main([a for a in argv if a != "--gpu"])
     args = parse_args(argv)
     if not (args.data / "train").is_dir():
         print(f"dist-cifar-bench: no image folder at {args.data} (pass --data DIR)", file=sys.stderr)

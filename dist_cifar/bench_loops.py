@@ -1,15 +1,21 @@
-"""The loops the benchmark times, each run in a child process of its own: the PyTorch tutorial's loop
-on CIFAR10-style arrays in memory (or on ImageFolder JPEGs), the tutorial's whole 2-epoch script, and
-the bare model step. `python -m dist_cifar.bench_loops KIND --out FILE ...` runs one and writes its JSON;
-dist_cifar.bench starts them, watches their memory and compares them.
+"""The loops the benchmarks time, each run in a child process of its own: the PyTorch tutorial's loop
+on CIFAR10-style arrays in memory (or on ImageFolder JPEGs), the tutorial's whole script (on the CPU or
+moved to a GPU), the bare model step, and airbench94 from the `airbench` package (imported only by
+that child). `python -m dist_cifar.bench_loops KIND --out FILE ...` runs one and writes its JSON;
+dist_cifar.bench and dist_cifar.bench_gpu start them, watch them and compare them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib.metadata
 import json
+import os
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -146,32 +152,65 @@ def child_tutorial_steps(data: Path, steps: int, warmup: int, source: str = "cif
             "dataset": type(dataset).__name__, "dataset_size": len(dataset), "dataset_seconds": dataset_seconds}
 
 
-def child_tutorial_epochs(data: Path, epochs: int, source: str = "cifar10") -> dict:
-    """The whole tutorial: `epochs` epochs, then accuracy on every test image. The process's wall time
-    (measured by the parent from launch to exit) is what the time-to-accuracy comparison uses."""
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work before reading a clock (nothing to wait for on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def evenly_spaced(size: int, n: int) -> np.ndarray:
+    """n indices spread over range(size): a small test set with every class (the cache holds them class by class)."""
+    return np.linspace(0, size - 1, n).astype(np.int64)
+
+
+def limited(loader, epochs: int, max_steps: int = 0):
+    """The loader's batches for `epochs` epochs, stopping after `max_steps` batches when that is > 0."""
+    done = 0
+    for _ in range(epochs):
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == max_steps:
+                return
+
+
+def child_tutorial_epochs(data: Path, epochs: int, source: str = "cifar10", device: str = "cpu",
+                          max_steps: int = 0, test_images: int = 0) -> dict:
+    """The whole tutorial: `epochs` epochs (or `max_steps` steps), then accuracy on every test image (or
+    `test_images` evenly spaced ones), on `device` as the tutorial moves it to a GPU: the net once, each
+    batch with `.to(device)`. The process's wall time (measured by the parent from launch to exit) is
+    what the time-to-accuracy comparison uses."""
     building = time.perf_counter()
     dataset, testset = tutorial_datasets(data, source)
     dataset_seconds = time.perf_counter() - building
-    net = TutorialNet(len(dataset.classes))
+    net = TutorialNet(len(dataset.classes)).to(device)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     trainloader = tutorial_loader(dataset, shuffle=True)
+    if test_images:
+        testset = torch.utils.data.Subset(testset, evenly_spaced(len(testset), test_images).tolist())
     testloader = tutorial_loader(testset, shuffle=False)
+    steps = images = 0
+    synchronize(device)
     started = time.perf_counter()
-    for _ in range(epochs):
-        for inputs, labels in trainloader:
-            tutorial_step(net, criterion, optimizer, inputs, labels)
+    for inputs, labels in limited(trainloader, epochs, max_steps):
+        inputs, labels = inputs.to(device), labels.to(device)
+        tutorial_step(net, criterion, optimizer, inputs, labels)  # loss.item(): a sync every step, as the tutorial's
+        steps, images = steps + 1, images + len(labels)
+    synchronize(device)
     trained = time.perf_counter()
     correct = total = 0
     with torch.no_grad():
-        for images, labels in testloader:
-            _, predicted = torch.max(net(images), 1)
+        for inputs, labels in testloader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            _, predicted = torch.max(net(inputs), 1)
             total += labels.size(0)
             correct += (predicted == labels).sum().item()
     return {"train_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
-            "images_per_second": epochs * len(dataset) / (trained - started), "accuracy": correct / total,
-            "num_eval_samples": total, "torch_threads": torch.get_num_threads(),
-            "dataset": type(dataset).__name__, "dataset_size": len(dataset), "dataset_seconds": dataset_seconds}
+            "images_per_second": images / (trained - started), "steps": steps, "train_images": images,
+            "accuracy": correct / total, "num_eval_samples": total, "device": device,
+            "torch_threads": torch.get_num_threads(), "dataset": type(dataset).__name__,
+            "dataset_size": len(dataset), "dataset_seconds": dataset_seconds}
 
 
 # ---- the bare step ----
@@ -201,21 +240,143 @@ def child_bare_step(steps: int, warmup: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+# ---- airbench94, from the `airbench` package (imported here only, in the airbench94 child) ----
+
+class HostEvent:
+    """Stands in for torch.cuda.Event where there is no GPU: the host clock at record()."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.time = None
+
+    def record(self, stream=None) -> None:
+        self.time = time.perf_counter()
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        return 1e3 * (end.time - self.time)  # milliseconds, as CUDA events report
+
+
+def airbench_make_net(widths: list[int] | None, cuda: bool):
+    """airbench's make_net94 (its widths when given); without a GPU its `.cuda()` call leaves the net on the CPU."""
+    from airbench import make_net94
+
+    kwargs = {"widths": dict(zip(("block1", "block2", "block3"), widths))} if widths else {}
+    if cuda:
+        return functools.partial(make_net94, **kwargs)
+
+    def make_net_on_cpu():
+        with mock.patch.object(torch.nn.Module, "cuda", lambda self, device=None: self):
+            return make_net94(**kwargs)
+
+    return make_net_on_cpu
+
+
+def airbench_on_cpu(stack: contextlib.ExitStack) -> None:
+    """(no GPU only: a plumbing check) airbench's train() otherwise reaches for CUDA in three more places:
+    its timing events, torch.cuda.synchronize, and the test loader it builds on GPU 0."""
+    import airbench.utils
+
+    stack.enter_context(mock.patch.object(torch.cuda, "Event", HostEvent))
+    stack.enter_context(mock.patch.object(torch.cuda, "synchronize", lambda device=None: None))
+    cpu_loader = functools.partial(airbench.utils.CifarLoader, gpu="cpu")
+    stack.enter_context(mock.patch.object(airbench.utils, "CifarLoader", cpu_loader))
+
+
+def airbench_loaders(gpu, batch_size: int, train_images: int, test_images: int):
+    """The loaders train94 builds for itself when given none, and the test loader; optionally only N
+    evenly spaced images of each (CPU plumbing checks; test.pt holds its images class by class)."""
+    from airbench import CifarLoader
+    from airbench.lib_airbench94 import hyp
+
+    train = CifarLoader("cifar10", train=True, batch_size=batch_size or hyp["opt"]["batch_size"], aug=hyp["aug"],
+                        altflip=True, gpu=gpu)
+    test = CifarLoader("cifar10", train=False, batch_size=2000, gpu=gpu)
+    for loader, n in ((train, train_images), (test, test_images)):
+        if n:  # allowed before the first epoch (CifarLoader.__setattr__)
+            pick = torch.from_numpy(evenly_spaced(len(loader.labels), n)).to(loader.labels.device)
+            loader.images, loader.labels = loader.images[pick], loader.labels[pick]
+    return train, test
+
+
+def child_airbench94(root: Path, epochs: float | None, warmup_epochs: float, batch_size: int, train_images: int,
+                     test_images: int, widths: list[int] | None, tta_level: int) -> dict:
+    """airbench94 as its package runs it: an untimed warm-up run (training and evaluation), then
+    `train94(train_loader, verbose=False)` timed whole (net build, whitening, training), then
+    `evaluate(model, test_loader, tta_level)`."""
+    os.chdir(root)  # CifarLoader("cifar10") reads cifar10/train.pt and cifar10/test.pt below the working directory
+    from airbench import evaluate, train94
+
+    cuda = torch.cuda.is_available()
+    with contextlib.ExitStack() as stack:
+        if not cuda:
+            airbench_on_cpu(stack)
+        train_loader, test_loader = airbench_loaders(0 if cuda else "cpu", batch_size, train_images, test_images)
+        options = {"make_net": airbench_make_net(widths, cuda), "verbose": False}
+        timed = {**options, **({"epochs": epochs} if epochs else {})}
+        # train94(run="warmup") returns after one step only when verbose: warm up with a short whole run instead
+        evaluate(train94(train_loader, epochs=warmup_epochs, **options), test_loader, tta_level=tta_level)
+        synchronize("cuda" if cuda else "cpu")
+        started = time.perf_counter()
+        model = train94(train_loader, **timed)
+        synchronize("cuda" if cuda else "cpu")
+        trained = time.perf_counter()
+        accuracy = evaluate(model, test_loader, tta_level=tta_level)  # .item(): waits for the GPU
+        ended = time.perf_counter()
+    return {"train_seconds": trained - started, "eval_seconds": ended - trained, "run_seconds": ended - started,
+            "accuracy": accuracy, "num_eval_samples": len(test_loader.labels), "train_images": len(train_loader.images),
+            "epochs": epochs, "tta_level": tta_level, "device": "cuda" if cuda else "cpu (airbench's CUDA calls redirected)",
+            "airbench": airbench_version()}
+
+
+def airbench_version() -> str | None:
+    try:
+        return importlib.metadata.version("airbench")
+    except importlib.metadata.PackageNotFoundError:  # importable from a folder on PYTHONPATH, not installed
+        return None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m dist_cifar.bench_loops", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=Path, required=True)
+    common.add_argument("--data", type=Path)
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    for kind in ("tutorial", "tutorial-epochs", "bare"):
+        sub = kinds.add_parser(kind, parents=[common])
+        if kind != "bare":
+            sub.add_argument("--source", choices=["cifar10", "imagefolder"], default="cifar10")
+        if kind != "tutorial-epochs":
+            sub.add_argument("--steps", type=int, default=300)
+            sub.add_argument("--warmup", type=int, default=20)
+    epochs = kinds.choices["tutorial-epochs"]
+    epochs.add_argument("--epochs", type=int, default=TUTORIAL_EPOCHS)
+    epochs.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    epochs.add_argument("--max-steps", type=int, default=0, help="stop after this many steps; 0 = all epochs")
+    epochs.add_argument("--test-images", type=int, default=0, help="evaluate N evenly spaced test images only; 0 = all")
+    airbench = kinds.add_parser("airbench94", parents=[common])
+    airbench.add_argument("--root", type=Path, required=True, help="the folder holding cifar10/train.pt and test.pt")
+    airbench.add_argument("--epochs", type=float, help="training epochs (default: the package's, 9.9)")
+    airbench.add_argument("--warmup-epochs", type=float, default=1.0, help="epochs of the untimed warm-up run")
+    airbench.add_argument("--batch-size", type=int, default=0, help="default: the package's, 1024")
+    airbench.add_argument("--train-images", type=int, default=0, help="train on N evenly spaced images only; 0 = all")
+    airbench.add_argument("--test-images", type=int, default=0, help="evaluate N evenly spaced test images only; 0 = all")
+    airbench.add_argument("--widths", type=lambda text: [int(w) for w in text.split(",")],
+                          help="conv group widths, e.g. 8,16,16 (default: the package's, 64,256,256)")
+    airbench.add_argument("--tta-level", type=int, default=2)
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> int:
     """Run one loop and write its result as JSON to --out."""
-    parser = argparse.ArgumentParser(prog="python -m dist_cifar.bench_loops", description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["tutorial", "tutorial-epochs", "bare"])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data", type=Path)
-    parser.add_argument("--source", choices=["cifar10", "imagefolder"], default="cifar10")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=TUTORIAL_EPOCHS)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    args.out = args.out.resolve()  # the airbench94 child changes its working directory
     if args.kind == "tutorial":
         result = child_tutorial_steps(args.data, args.steps, args.warmup, args.source)
     elif args.kind == "tutorial-epochs":
-        result = child_tutorial_epochs(args.data, args.epochs, args.source)
+        result = child_tutorial_epochs(args.data, args.epochs, args.source, args.device, args.max_steps,
+                                       args.test_images)
+    elif args.kind == "airbench94":
+        result = child_airbench94(args.root, args.epochs, args.warmup_epochs, args.batch_size, args.train_images,
+                                  args.test_images, args.widths, args.tta_level)
     else:
         result = child_bare_step(args.steps, args.warmup)
     args.out.write_text(json.dumps(result))

@@ -43,7 +43,7 @@ _LOG_ROOT: Path | None = None  # the jobs' output files: under pytest's session 
 # fixtures (reference runs) are built once, and the two SLURM files are one unit: the test clusters
 # live in one worker. Unit tests are handed out one by one, last.
 FILE_SECONDS = {"test_slurm": 150, "test_slurm_multinode": 140, "test_never_lose_work": 260, "test_resume": 150,
-                "test_distributed": 120, "test_features": 120, "test_elastic": 110, "test_bench": 90,
+                "test_distributed": 120, "test_features": 120, "test_elastic": 110, "test_bench": 150,
                 "test_commands": 70, "test_tracking": 60, "test_plots": 25, "test_config": 20, "test_logs": 15,
                 "test_readme": 10}
 UNITS = {"test_slurm": "slurm", "test_slurm_multinode": "slurm"}

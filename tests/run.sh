@@ -37,10 +37,10 @@ install() {
     echo "tests/run.sh: uv could not install $*; using pip" >&2
     .venv/bin/pip install -q "$@"
 }
-if ! .venv/bin/python -c "import dist_cifar, pytest, xdist, torch, torchvision" 2>/dev/null; then
+if ! .venv/bin/python -c "import dist_cifar, pytest, xdist, torch, torchvision, airbench" 2>/dev/null; then
     # On machines whose pip is capped at these versions (and holds them on disk) this is offline.
     install "torch==2.14.1" "torchvision==0.29.1" || install torch torchvision
-    install -e ".[test]"
+    install -e ".[test,bench]"
 fi
 # Two pytest-xdist workers unless the arguments choose (-n N, -p no:xdist): the suite spends about
 # half its time waiting on processes and SLURM, so two workers keep both cores busy. Each test file

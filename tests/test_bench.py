@@ -1,5 +1,5 @@
 """dist_cifar.bench: the tutorial baseline is torchvision's CIFAR10 loop, the ratios use it, and a quick
-real run on the shared CIFAR-10 JPEGs writes the documented JSON."""
+real run on the shared CIFAR-10 JPEGs writes the documented JSON; `--gpu --quick` runs every peer row."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dist_cifar import bench, bench_loops
 
@@ -160,3 +161,70 @@ def test_quick_bench_writes_the_documented_json(tmp_path, data_args, data_root, 
     assert "| not the tutorial: same loop on ImageFolder JPEGs" in proc.stdout
     # every run read the one decoded cache the session made (a different data config would add another)
     assert len(list(cache_dir.glob("imagefolder-*/meta.json"))) == 1
+
+
+def test_gpu_quick_bench_runs_every_peer_row(tmp_path, data_args, data_root, cache_dir):
+    """`--gpu --quick`: every row in its own process (on this CPU, a plumbing check labelled as such),
+    airbench's cifar10/*.pt files holding the folders' images and labels, ratios of the rows' numbers."""
+    pytest.importorskip("airbench", reason="the airbench package (the `bench` extra) is not installed: "
+                                           "pip install -e '.[bench]'")
+    from dist_cifar import bench_gpu
+
+    out, work = tmp_path / "gpu.json", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "dist_cifar.bench", "--gpu", "--quick", "--data", str(data_root),
+                           "--out", str(out), "--work", str(work)], cwd=tmp_path,
+                          env=dict(os.environ, DIST_CIFAR_CACHE=str(cache_dir)), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    result = json.loads(out.read_text())
+    cuda = torch.cuda.is_available()
+    assert result["mode"] == ("measurement" if cuda else "cpu plumbing check, not a measurement")
+    assert cuda or "CPU PLUMBING CHECK, NOT A MEASUREMENT" in proc.stdout
+
+    # every row once (--quick), in the interleaved order, then torchrun once
+    assert [r["measurement"] for r in result["runs"]] == [*bench_gpu.ROWS, "torchrun_airbench94"]
+    runs = {r["measurement"]: r for r in result["runs"]}
+    for name, run in runs.items():
+        assert run["exit_code"] == 0 and 0 < run["wall_seconds"] < 600, name
+        assert 0 < run["train_seconds"] < run["wall_seconds"] and 0 <= run["accuracy"] <= 1, (name, run)
+    for name in ("airbench94", "dist_cifar_airbench94"):  # a run's wall: training plus evaluation and the rest
+        assert runs[name]["train_seconds"] < runs[name]["run_seconds"] < runs[name]["wall_seconds"], name
+    for name in ("tutorial_gpu", "dist_cifar_tutorial_gpu"):
+        assert 0 < runs[name]["images_per_second"] < math.inf and runs[name]["steps"] == (2000 if cuda else 500)
+    assert runs["torchrun_airbench94"]["backend"] == ("nccl" if cuda else "gloo")
+    assert runs["torchrun_airbench94"]["world_size"] == 1
+    if not cuda:  # the plumbing sizes reached the children
+        assert (runs["airbench94"]["train_images"], runs["airbench94"]["num_eval_samples"]) == (512, 250)
+        assert runs["tutorial_gpu"]["num_eval_samples"] == 1000 and runs["tutorial_gpu"]["device"] == "cpu"
+
+    # the ratios and targets are the rows' numbers (one run a row: each median is that run)
+    ab, dist, tut, dist_tut = (runs[n] for n in bench_gpu.ROWS)
+    assert result["ratios"] == pytest.approx({
+        "dist_cifar_airbench94_over_airbench94_train_seconds": dist["train_seconds"] / ab["train_seconds"],
+        "accuracy_difference_points": 100 * (dist["accuracy"] - ab["accuracy"]),
+        "dist_cifar_airbench94_run_wall_over_train_seconds": dist["run_seconds"] / dist["train_seconds"],
+        "dist_cifar_airbench94_run_wall_over_airbench94_run_seconds": dist["run_seconds"] / ab["run_seconds"],
+        "dist_cifar_tutorial_over_tutorial_gpu_images_per_second": dist_tut["images_per_second"] / tut["images_per_second"]})
+    assert result["summary"]["airbench94"]["accuracy"] == pytest.approx(
+        {"mean": ab["accuracy"], "std": 0.0, "min": ab["accuracy"], "max": ab["accuracy"], "n": 1})
+    if not cuda:  # no target is judged on CPU numbers
+        assert [t["met"] for t in result["targets"]] == [None] * 4
+    assert f"| {result['targets'][0]['target']} | {result['targets'][0]['value']:.3f} |" in proc.stdout
+
+    # airbench's files: its layout, the folders' class order, the right image under each label
+    folder = work / "airbench" / "cifar10"
+    order = np.load(folder / "train_order.npy")
+    classes = sorted(d.name for d in (data_root / "train").iterdir() if d.is_dir())
+    pick = random.Random(0)
+    for split, n, rows in (("train", 50000, order), ("test", 10000, np.arange(10000))):
+        data = torch.load(folder / f"{split}.pt")
+        assert set(data) == {"images", "labels", "classes"} and data["classes"] == classes
+        assert data["images"].dtype == torch.uint8 and data["images"].shape == (n, 32, 32, 3)
+        assert data["labels"].dtype == torch.int64 and data["labels"].shape == (n,)
+        files = [(p, c) for c, name in enumerate(classes) for p in sorted((data_root / split / name).iterdir())]
+        for row in pick.sample(range(n), 5):
+            path, label = files[rows[row]]
+            assert data["labels"][row] == label, (split, row, path)
+            with Image.open(path) as img:
+                assert np.array_equal(data["images"][row].numpy(), np.asarray(img.convert("RGB"))), (split, row, path)
+    assert len(list(cache_dir.glob("imagefolder-*/meta.json"))) == 1  # every run read the one decoded cache
