@@ -49,11 +49,11 @@ SIZES = {
     "full": {"airbench94": {}, "dist_airbench94": [], "tutorial": {}, "dist_tutorial": []},
     "gpu_quick": {"airbench94": {"epochs": 2}, "dist_airbench94": ["train.epochs=2"],
                   "tutorial": {"max_steps": 2000}, "dist_tutorial": ["train.max_steps=2000"]},
-    "cpu_quick": {"airbench94": {"epochs": 1, "batch_size": 256, "train_images": 512, "test_images": 250,
+    "cpu_quick": {"airbench94": {"epochs": 1, "batch_size": 256, "train_images": 256, "test_images": 250,
                                  "widths": "8,16,16"},
                   "dist_airbench94": ["train.epochs=1", "data.train_subset=512", "train.global_batch_size=256",
                                       "model.widths=[8,16,16]", "train.mixed_precision=no", "train.tta_level=0"],
-                  "tutorial": {"max_steps": 500, "test_images": 1000}, "dist_tutorial": ["train.max_steps=500"]},
+                  "tutorial": {"max_steps": 150, "test_images": 250}, "dist_tutorial": ["train.max_steps=150"]},
 }
 
 
