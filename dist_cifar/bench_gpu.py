@@ -212,9 +212,9 @@ def accuracy_shown(s: dict | None) -> str:
 
 
 LABELS = {"airbench94": "airbench94: package airbench 0.1.8, train94() + evaluate(tta_level=2)",
-          "dist_cifar_airbench94": "dist_cifar configs/airbench94.yaml (sweep, 1 seed a process, 1-epoch warm-up)",
+          "dist_cifar_airbench94": "dist_cifar configs/airbench94.yaml (sweep, 1 seed a process, 1-epoch warm-up, pictures off)",
           "tutorial_gpu": "tutorial loop on the device (its Net, batch 4, DataLoader 2 workers, 1 epoch)",
-          "dist_cifar_tutorial_gpu": "dist_cifar configs/tutorial.yaml train.epochs=1",
+          "dist_cifar_tutorial_gpu": "dist_cifar configs/tutorial.yaml train.epochs=1, pictures off",
           "torchrun_airbench94": "torchrun --nproc_per_node 1, dist_cifar configs/airbench94.yaml (once)"}
 
 
