@@ -4,7 +4,7 @@
 # airbench94 and the tutorial's loop beside dist_cifar (`python -m dist_cifar.bench --gpu`).
 #
 #   [STAGES="smoke_fp16 airbench94 airbench94_fp16 resnet18"] bash launch/gpu_bench.sh DATA OUT
-#   STAGES=peers bash launch/gpu_bench.sh DATA OUT      # about 7 minutes: OUT/peers.json, OUT/peers.log
+#   STAGES=peers bash launch/gpu_bench.sh DATA OUT      # (not yet timed on a GPU): OUT/peers.json, OUT/peers.log
 #
 # DATA: an image folder (train/<class>/, test/<class>/), or a .npz pack of one made with
 #       `python launch/pack_images.py SRC pack.npz` (how the data travels to a machine with no network).
