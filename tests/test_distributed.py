@@ -102,7 +102,8 @@ def test_loader_and_device_pipelines_train_identically(tmp_path, data_args):
     weights = {}
     for pipeline in ("device", "loader"):
         out = tmp_path / pipeline
-        proc = run_train([*common, f"data.pipeline={pipeline}", f"output_dir={out}"], nprocs=2, timeout=600)
+        proc = run_train([*common, f"data.pipeline={pipeline}", f"output_dir={out}"], nprocs=2, timeout=600,
+                         launcher="ranks")
         assert proc.returncode == 0, tail(proc.stdout)
         weights[pipeline] = load_file(str(out / "model.safetensors"))
         assert results(out)["steps"] == 2 * 640 // 16

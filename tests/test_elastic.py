@@ -76,7 +76,7 @@ def reference(tmp_path_factory, data_args) -> tuple[Path, dict]:
     """Two processes, never interrupted."""
     root = tmp_path_factory.mktemp("elastic-ref")
     result = run_train(elastic_args(data_args, root / "run"), nprocs=2, env={"DIST_CIFAR_LEDGER": str(root / "ledger")},
-                       timeout=300)
+                       timeout=300, launcher="ranks")
     assert result.returncode == 0, tail(result.stdout)
     steps = ledger(root / "ledger")
     assert sorted(steps) == list(range(1, TOTAL_STEPS + 1))
@@ -88,7 +88,7 @@ def killed_mid_epoch(data_args, root: Path, nprocs: int, after: int = 15, extra=
     later (15: mid-way through epoch 1). Returns its run folder; its ledger is root/ledger-1."""
     run_dir = root / "run"
     job = start_train(elastic_args(data_args, run_dir, *extra), nprocs=nprocs,
-                      env={"DIST_CIFAR_LEDGER": str(root / "ledger-1")})
+                      env={"DIST_CIFAR_LEDGER": str(root / "ledger-1")}, launcher="ranks")
     job.wait_for(lambda: any(s >= after for s in checkpoint_steps(run_dir)), timeout=240,
                  what=f"a checkpoint at step {after}")
     job.kill()
@@ -103,7 +103,7 @@ def resume_on(data_args, killed: Path, root: Path, nprocs: int, written_by: int,
     run_dir = root / f"resumed-on-{nprocs}"
     shutil.copytree(killed, run_dir)
     result = run_train(elastic_args(data_args, run_dir, *extra), nprocs=nprocs,
-                       env={"DIST_CIFAR_LEDGER": str(root / f"ledger-on-{nprocs}")}, timeout=300)
+                       env={"DIST_CIFAR_LEDGER": str(root / f"ledger-on-{nprocs}")}, timeout=300, launcher="ranks")
     assert result.returncode == 0, tail(result.stdout)
     found = re.search(rf"resumed from \S+ at epoch {epoch}, step (\d+); resumed on (\d+) process(?:es)? from a checkpoint "
                       r"written by (\d+)", result.stdout)

@@ -89,7 +89,7 @@ def runs(tmp_path_factory, data_args):
                 extra.append("model.compile=true")
                 env["TORCH_LOGS"] = "graph_code"  # prints what torch.compile captured: proof that it ran
             proc = run_train([*COMMON, *data_args, *extra, f"output_dir={out / 'run'}"], nprocs=NPROCS.get(name, 1),
-                             env=env, timeout=300)
+                             env=env, timeout=300, launcher="ranks")
             assert proc.returncode == 0, f"run {name} failed:\n{tail(proc.stdout)}"
             (out / "output.txt").write_text(proc.stdout)
             done[name] = out

@@ -134,7 +134,7 @@ def test_torchrun_max_restarts_recovers_from_a_killed_worker(data_args, tmp_path
     common = [a for a in train_args(data_args, tmp_path, "train.epochs=3", "checkpoint.every_steps=5", "seed=3")
               if not a.startswith("output_dir=")]
     straight = tmp_path / "straight"
-    ref = run_train([*common, f"output_dir={straight}"], nprocs=2, timeout=300)
+    ref = run_train([*common, f"output_dir={straight}"], nprocs=2, timeout=300, launcher="ranks")
     assert ref.returncode == 0, tail(ref.stdout)
 
     run_dir = tmp_path / "restarted"
@@ -184,7 +184,7 @@ def test_a_stuck_or_dead_rank_ends_the_job_with_one_line(how, data_args, tmp_pat
     try:
         code = job.procs[0].wait(timeout=120)
     finally:
-        os.kill(victim.pid, signal.SIGKILL)
+        victim.kill()  # (a stopped one); Popen's kill, unlike os.kill, also suits a rank that has been reaped
         victim.wait()
     took = time.monotonic() - started
     print(f"{how} rank 1: rank 0 ended {took:.1f} s later (dist.timeout_seconds=15)")

@@ -102,9 +102,10 @@ def reference_1p(tmp_path_factory, data_args) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_2p(tmp_path_factory, data_args) -> Path:
-    """Two gloo processes under torchrun, never interrupted, augmented."""
+    """Two gloo processes (ranks started here), never interrupted, augmented."""
     run_dir = tmp_path_factory.mktemp("ref-2p") / "run"
-    result = run_train(train_args(data_args, run_dir, *AUGMENT, "checkpoint.every_steps=5"), nprocs=2, timeout=240)
+    result = run_train(train_args(data_args, run_dir, *AUGMENT, "checkpoint.every_steps=5"), nprocs=2, timeout=240,
+                       launcher="ranks")
     assert result.returncode == 0, tail(result.stdout)
     return run_dir
 
@@ -146,7 +147,7 @@ def test_sigkill_anywhere_and_during_a_save_then_resume_is_exact(reference_2p, d
             assert resumed_from(output) == checkpoint(run_dir, attempts[-1]), tail(output)
 
     for after_step, delay in kill_points:
-        job = start_train(args, nprocs=2)
+        job = start_train(args, nprocs=2, launcher="ranks")
         job.wait_for(lambda: any(s >= after_step for s in steps(run_dir)), what=f"checkpoint {after_step}")
         time.sleep(delay)
         assert job.running(), "the run finished before it could be killed"
@@ -156,7 +157,7 @@ def test_sigkill_anywhere_and_during_a_save_then_resume_is_exact(reference_2p, d
         attempts.append(max(steps(run_dir)))
     assert attempts[-1] < 60, f"the second kill landed too late ({attempts[-1]}) to test the fault at {fault_step}"
 
-    job = start_train(args, nprocs=2, env={"DIST_CIFAR_FAULT": f"during_save:{fault_step}"})
+    job = start_train(args, nprocs=2, env={"DIST_CIFAR_FAULT": f"during_save:{fault_step}"}, launcher="ranks")
     assert job.wait(120)[0] != 0, tail(job.output())
     resume_is_sound(job.output())
     half_written = list((run_dir / "checkpoints").glob(f".tmp-step-{fault_step:08d}-*"))
@@ -165,7 +166,7 @@ def test_sigkill_anywhere_and_during_a_save_then_resume_is_exact(reference_2p, d
     assert max(steps(run_dir)) == 60
     attempts.append(60)
 
-    result = run_train(args, nprocs=2, timeout=180)
+    result = run_train(args, nprocs=2, timeout=180, launcher="ranks")
     assert result.returncode == 0, tail(result.stdout)
     resume_is_sound(result.stdout)
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the half-written checkpoint was left behind"

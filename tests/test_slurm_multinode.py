@@ -4,7 +4,7 @@ Each node is a slurmd in a network namespace of its own (own hostname and addres
 bridge), so the ranks of a job talk over a real network between two hosts, resolve each other by
 node name, and share the filesystem (the run folder, the data cache). Every job trains the same
 small config; the trainer is deterministic for a fixed world size, so every two-node run must end
-with exactly the results of two processes on one host (a local torchrun run, made once).
+with exactly the results of two processes on one host (two local processes, run once).
 
 Needs root, apt-get (or slurm installed), and ip/nsenter/unshare. Set DIST_CIFAR_SKIP_SLURM=1 to
 skip; with CI=true a missing prerequisite fails instead of skipping (as in test_slurm.py).
@@ -74,9 +74,9 @@ def two_node_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_host_result(data_args, tmp_path_factory) -> dict:
-    """ARGS run by two processes on this host (torchrun, gloo over loopback), no SLURM."""
+    """ARGS run by two processes on this host (ranks started here, gloo over loopback), no SLURM."""
     out = tmp_path_factory.mktemp("one-host") / "run"
-    proc = run_train([*ARGS, *data_args, f"output_dir={out}"], nprocs=2, timeout=JOB_TIMEOUT_S)
+    proc = run_train([*ARGS, *data_args, f"output_dir={out}"], nprocs=2, timeout=JOB_TIMEOUT_S, launcher="ranks")
     assert proc.returncode == 0, f"local 2-process run failed ({proc.returncode}):\n{tail(proc.stdout)}"
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2
@@ -173,7 +173,7 @@ def test_usr1_on_two_nodes_requeued_onto_one_node_resumes(two_node_cluster, data
     cluster = two_node_cluster
     runs = tmp_path / "runs"
     reference_dir = tmp_path / "two-processes"  # the same run on 2 local processes, beside the job
-    reference_run = start_train([*ELASTIC_ARGS, *data_args, f"output_dir={reference_dir}"], nprocs=2)
+    reference_run = start_train([*ELASTIC_ARGS, *data_args, f"output_dir={reference_dir}"], nprocs=2, launcher="ranks")
     job = cluster.submit("slurm/cpu.sbatch", *ELASTIC_ARGS, *data_args,
                          extra_sbatch_args=("--nodes", "2", "--ntasks-per-node", "1"),
                          env={"DIST_CIFAR_RUNS": str(runs)})
