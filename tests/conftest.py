@@ -44,14 +44,14 @@ _LOG_ROOT: Path | None = None  # the jobs' output files: under pytest's session 
 
 
 # Under pytest-xdist (tests/run.sh starts two workers) each test file is one unit of work, handed to
-# whichever worker is free, longest first so the two end together: FILE_SECONDS are one serial run's
-# seconds per file (the 2-core dev machine, 2026-11-28; only their order matters). So a file's module
-# fixtures (reference runs) are built once, and the two SLURM files are one unit: the test clusters
-# live in one worker. Unit tests are handed out one by one, last.
-FILE_SECONDS = {"test_slurm": 150, "test_slurm_multinode": 140, "test_never_lose_work": 260, "test_resume": 150,
-                "test_distributed": 120, "test_features": 120, "test_elastic": 110, "test_bench": 150,
-                "test_commands": 70, "test_tracking": 60, "test_prefork": 20, "test_plots": 25, "test_config": 20, "test_logs": 15,
-                "test_readme": 10}
+# whichever worker is free, longest first so the two end together: FILE_SECONDS are each file's
+# seconds in a two-worker run (the 2-core dev machine, 2026-11-29; only their order matters). So a
+# file's module fixtures (reference runs) are built once, and the two SLURM files are one unit: the
+# test clusters live in one worker. Unit tests are handed out one by one, last.
+FILE_SECONDS = {"test_slurm": 158, "test_slurm_multinode": 135, "test_never_lose_work": 212, "test_bench": 155,
+                "test_distributed": 148, "test_commands": 84, "test_features": 69, "test_resume": 50,
+                "test_elastic": 39, "test_tracking": 35, "test_config": 16, "test_prefork": 13, "test_plots": 11,
+                "test_logs": 8, "test_readme": 1}
 UNITS = {"test_slurm": "slurm", "test_slurm_multinode": "slurm"}
 
 
