@@ -22,6 +22,13 @@ from dist_cifar import bench, bench_loops
 REPO = Path(__file__).resolve().parents[1]
 
 
+def caches_of(cache_dir: Path, data_root: Path) -> int:
+    """How many decoded caches of data_root the session's cache folder holds. Only this folder's: the
+    other worker's tests decode image folders of their own into the same cache folder meanwhile."""
+    metas = [json.loads(p.read_text()) for p in cache_dir.glob("imagefolder-*/meta.json")]
+    return sum(Path(m["root"]) == Path(data_root).resolve() for m in metas)
+
+
 def write_fake_cifar10(root: Path, rng: np.random.Generator, per_batch: int = 6, test: int = 5) -> None:
     """A tiny cifar-10-batches-py in torchvision's format: pickled dicts of N x 3072 uint8 rows
     (channel-major) and label lists, five training batches, one test batch and batches.meta."""
@@ -160,7 +167,7 @@ def test_quick_bench_writes_the_documented_json(tmp_path, data_args, data_root, 
     assert "| tutorial loop (CIFAR10-style uint8 arrays in memory" in proc.stdout
     assert "| not the tutorial: same loop on ImageFolder JPEGs" in proc.stdout
     # every run read the one decoded cache the session made (a different data config would add another)
-    assert len(list(cache_dir.glob("imagefolder-*/meta.json"))) == 1
+    assert caches_of(cache_dir, data_root) == 1
 
 
 def test_gpu_quick_bench_runs_every_peer_row(tmp_path, data_args, data_root, cache_dir):
@@ -227,4 +234,4 @@ def test_gpu_quick_bench_runs_every_peer_row(tmp_path, data_args, data_root, cac
             assert data["labels"][row] == label, (split, row, path)
             with Image.open(path) as img:
                 assert np.array_equal(data["images"][row].numpy(), np.asarray(img.convert("RGB"))), (split, row, path)
-    assert len(list(cache_dir.glob("imagefolder-*/meta.json"))) == 1  # every run read the one decoded cache
+    assert caches_of(cache_dir, data_root) == 1  # every run read the one decoded cache
