@@ -218,11 +218,11 @@ class TrainJob:
                 "GROUP_RANK": 0, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})) for r in range(nprocs)]
         else:
             raise ValueError(f"launcher must be torchrun or ranks, got {launcher!r}")
-        self.launcher = launcher if nprocs > 1 else "one"
+        self.launcher = launcher
         self.logs = [self.logdir / f"{i}.log" for i in range(len(commands))]
         self.procs = []
+        server = prefork_server()
         for (cmd, cmd_env), log in zip(commands, self.logs):
-            server = prefork_server()
             if server is not None and prefork.forkable(cmd, cmd_env, server.env):
                 self.procs.append(server.spawn(cmd, cmd_env, REPO, log))
                 continue
