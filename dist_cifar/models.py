@@ -32,16 +32,20 @@ class TutorialNet(nn.Module):
 
 
 class CpuNet(nn.Module):
-    """Three (3x3 conv, BatchNorm, ReLU, 2x2 max-pool) stages and one linear layer: about as cheap per image as
+    """Three (3x3 conv, 2x2 max-pool, BatchNorm, ReLU) stages and one linear layer: about as cheap per image as
     TutorialNet on a CPU (widths 8/16/32: 0.8 M multiply-adds against 0.65 M), but BatchNorm lets it pass the
-    tutorial's 56 % after about half an epoch instead of two."""
+    tutorial's 56 % after about half an epoch instead of two.
+
+    Pooling comes before BatchNorm and ReLU (as in the CIFAR-10 speed records' conv groups), so those two run
+    on a quarter of the pixels: a training step at batch 128 on 2 CPU cores took 0.6-0.7 of the time of the
+    conv-BatchNorm-ReLU-pool order, and cpu_fast's accuracy went from 57.58 % to 58.15 % (seed 0)."""
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (8, 16, 32), image_size: int = 32):
         super().__init__()
         layers, channels = [], 3
         for width in widths:
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             channels = width
         self.features = nn.Sequential(*layers)
         side = image_size // 2 ** len(widths)  # >= 1: the config allows 3 widths and images of 8+ pixels

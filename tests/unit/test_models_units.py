@@ -29,7 +29,7 @@ def test_norm_parameters_are_the_batchnorm_ones():
     model = build_model(ModelConfig(name="cpu_net", widths=[4, 4, 4]), num_classes=10)
     ids = norm_parameters(model)
     named = {name for name, p in model.named_parameters() if id(p) in ids}
-    assert named == {f"features.{i}.{w}" for i in (1, 5, 9) for w in ("weight", "bias")}
+    assert named == {f"features.{i}.{w}" for i in (2, 6, 10) for w in ("weight", "bias")}
     assert norm_parameters(build_model(ModelConfig(name="tutorial_net"), num_classes=10)) == set()
 
 
