@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import sys
 
 import torch
 from torch import nn
@@ -46,10 +48,65 @@ def build_optimizer(cfg: Config, model: nn.Module, global_batch_size: int) -> to
     if o.name == "sgd":
         for g in groups:
             g["weight_decay"] = g["decay"] / g["lr"] if g["lr"] > 0 else 0.0
-        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+        return SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
     for g in groups:
         g["weight_decay"] = g["decay"]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas))
+    return AdamW(groups, lr=lr, betas=tuple(o.betas))
+
+
+_COMPILER = "torch._dynamo"
+
+
+def _bare(method):
+    """The function behind a bound method of torch's, past the wrappers it was decorated with."""
+    return inspect.unwrap(method.__func__)
+
+
+class EagerStart:
+    """Mixin for a torch optimizer: torch's own methods, without their torch.compile wrappers while no part
+    of the process has loaded torch's compiler (torch._dynamo).
+
+    Those wrappers import torch._dynamo on first use (torch 2.14: 2-3 s of CPU at start-up, about as much
+    as `import torch` itself) and do nothing outside a compiled region: `graph_break()` around `step`,
+    `_disable_dynamo` around `add_param_group`, `zero_grad`, `state_dict` and `load_state_dict`. While
+    torch._dynamo is not in sys.modules no region can be compiled, so the bare method does exactly the same
+    work (tests/unit/test_optim_units.py compares the two bit for bit); once anything has imported it
+    (model.compile=true, torchvision's dataset), every call goes through torch's wrappers as before.
+    """
+
+    def step(self, closure=None):
+        if _COMPILER in sys.modules:
+            return super().step(closure)
+        with torch.set_grad_enabled(self.defaults.get("differentiable", False)):  # the step wrapper's other job
+            return _bare(super().step)(self, closure)
+
+    def add_param_group(self, param_group):
+        if _COMPILER in sys.modules:
+            return super().add_param_group(param_group)
+        return _bare(super().add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True):
+        if _COMPILER in sys.modules:
+            return super().zero_grad(set_to_none)
+        return _bare(super().zero_grad)(self, set_to_none)
+
+    def state_dict(self):
+        if _COMPILER in sys.modules:
+            return super().state_dict()
+        return _bare(super().state_dict)(self)
+
+    def load_state_dict(self, state_dict):
+        if _COMPILER in sys.modules:
+            return super().load_state_dict(state_dict)
+        return _bare(super().load_state_dict)(self, state_dict)
+
+
+class SGD(EagerStart, torch.optim.SGD):
+    pass
+
+
+class AdamW(EagerStart, torch.optim.AdamW):
+    pass
 
 
 def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
