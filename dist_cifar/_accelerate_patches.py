@@ -1,20 +1,42 @@
-"""Speed fix for Accelerate's per-step path: cache `is_lomo_available()` where the optimizer step calls it.
+"""Two speed fixes for Accelerate 1.15, applied once when dist_cifar.runtime is imported.
 
-Accelerate 1.15's `AcceleratedOptimizer.step()` calls `is_lomo_available()` twice on every step, and
-each call searches the import path for the `lomo_optim` package (importlib.util.find_spec): measured
-here at 0.15-0.3 ms a call on one CPU, a large share of a tutorial-sized step (batch 4). Whether a
-package is installed cannot change during a run, so the answer is computed once. Applied once, when
-dist_cifar.runtime is imported. tests/unit/test_accelerate_patch.py fails when Accelerate no longer
-searches on every step: then delete this module and its one call.
+- `AcceleratedOptimizer.step()` calls `is_lomo_available()` twice on every step, and each call searches
+  the import path for the `lomo_optim` package (importlib.util.find_spec): 0.15-0.3 ms a call on one CPU,
+  a large share of a tutorial-sized step (batch 4). Whether a package is installed cannot change during a
+  run, so the answer is computed once.
+- `prepare()` asks `model_has_dtensor(model)`, which imports `torch.distributed.tensor` to get the DTensor
+  class: 1.2-1.6 s of a single-process start on 2 CPU cores (2026-11-29), for a module nothing else here
+  uses. A parameter can only be a DTensor once that module is loaded, so while it is not, the answer is
+  False without the import.
+
+tests/unit/test_accelerate_patch.py fails when Accelerate no longer does either: then delete that part.
 """
 
 import functools
+import sys
 
+import accelerate.accelerator
 import accelerate.optimizer
+
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+
+
+def _dtensor_check(original):
+    @functools.wraps(original)
+    def model_has_dtensor(model) -> bool:
+        if not any(name in sys.modules for name in _DTENSOR_MODULES):
+            return False  # no DTensor can exist before its module is imported
+        return original(model)
+
+    model_has_dtensor.dist_cifar_patch = True
+    return model_has_dtensor
 
 
 def apply() -> None:
-    """Idempotent: replaces accelerate.optimizer's name for the check with a cached one."""
+    """Idempotent: replaces the names Accelerate's optimizer and accelerator modules call."""
     check = accelerate.optimizer.is_lomo_available
     if not hasattr(check, "cache_info"):
         accelerate.optimizer.is_lomo_available = functools.cache(check)
+    dtensor = getattr(accelerate.accelerator, "model_has_dtensor", None)
+    if dtensor is not None and not hasattr(dtensor, "dist_cifar_patch"):
+        accelerate.accelerator.model_has_dtensor = _dtensor_check(dtensor)

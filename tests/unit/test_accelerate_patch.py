@@ -1,4 +1,5 @@
-"""dist_cifar/_accelerate_patches.py: still needed by this Accelerate, and applied by importing dist_cifar.runtime."""
+"""dist_cifar/_accelerate_patches.py: both fixes still needed by this Accelerate, and applied by importing
+dist_cifar.runtime."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 # In a fresh interpreter, the import-path searches for lomo_optim during one optimizer step (after a
-# warm-up step) with Accelerate as installed, then again after importing dist_cifar.runtime.
+# warm-up step) with Accelerate as installed, then again after importing dist_cifar.runtime; then whether
+# prepare() of a model loads torch.distributed.tensor (patched), and whether Accelerate's own check does.
 SCRIPT = """
 import importlib.util
 import torch
 from accelerate import Accelerator
+from dist_cifar.optim import SGD  # torch's SGD would import torch._dynamo, which imports DTensor
 searches = []
 real_find_spec = importlib.util.find_spec
 def find_spec(name, *args, **kwargs):
@@ -23,7 +26,7 @@ def find_spec(name, *args, **kwargs):
 importlib.util.find_spec = find_spec
 accelerator = Accelerator(cpu=True)
 net = torch.nn.Linear(2, 2)
-optimizer = accelerator.prepare(torch.optim.SGD(net.parameters(), lr=0.1))
+optimizer = accelerator.prepare(SGD(net.parameters(), lr=0.1))
 def step():
     accelerator.backward(net(torch.ones(1, 2)).sum())
     optimizer.step()
@@ -34,9 +37,22 @@ def searches_in_one_step():
     return len(searches) - before
 step()
 plain = searches_in_one_step()
+import sys
+import accelerate.accelerator
 import dist_cifar.runtime
 step()
-print(plain, searches_in_one_step())
+patched = searches_in_one_step()
+# prepare() on a fresh model asks model_has_dtensor; patched, that loads no torch.distributed.tensor;
+# Accelerate's own function does load it
+calls = []
+patched_check = accelerate.accelerator.model_has_dtensor
+accelerate.accelerator.model_has_dtensor = lambda model: calls.append(1) or patched_check(model)
+model = accelerator.prepare(torch.nn.Linear(2, 2))
+dtensor_patched = "torch.distributed.tensor" in sys.modules
+from accelerate.utils.other import model_has_dtensor
+model_has_dtensor(model)
+dtensor_plain = len(calls) > 0 and "torch.distributed.tensor" in sys.modules
+print(dtensor_plain, dtensor_patched, plain, patched)
 """
 
 
@@ -45,7 +61,12 @@ def test_the_patch_is_still_needed_and_importing_runtime_applies_it():
     the unit tier hands its tests out one by one, so two tests sharing a module fixture paid it twice)."""
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    plain, patched = map(int, out.stdout.split()[-2:])
+    dtensor_plain, dtensor_patched, plain, patched = out.stdout.split()[-4:]
+    assert dtensor_plain == "True", (
+        "Accelerate's prepare() no longer imports torch.distributed.tensor: remove model_has_dtensor's patch "
+        "from dist_cifar/_accelerate_patches.py")
+    assert dtensor_patched == "False"
+    plain, patched = int(plain), int(patched)
     assert plain > 0, (
         "Accelerate no longer looks for lomo_optim on every optimizer step: dist_cifar/_accelerate_patches.py "
         "is not needed any more; remove it and its call in dist_cifar/runtime.py")
