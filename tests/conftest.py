@@ -50,7 +50,7 @@ _LOG_ROOT: Path | None = None  # the jobs' output files: under pytest's session 
 # test clusters live in one worker. Unit tests are handed out one by one, last.
 FILE_SECONDS = {"test_slurm": 158, "test_slurm_multinode": 135, "test_never_lose_work": 212, "test_bench": 155,
                 "test_distributed": 148, "test_commands": 84, "test_features": 69, "test_resume": 50,
-                "test_elastic": 39, "test_tracking": 35, "test_config": 16, "test_prefork": 13, "test_plots": 11,
+                "test_elastic": 39, "test_startup": 30, "test_tracking": 35, "test_config": 16, "test_prefork": 13, "test_plots": 11,
                 "test_logs": 8, "test_readme": 1}
 UNITS = {"test_slurm": "slurm", "test_slurm_multinode": "slurm"}
 

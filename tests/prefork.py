@@ -1,8 +1,11 @@
-"""Trainer processes forked from one Python that has already imported torch, torchvision and Accelerate.
+"""Trainer processes forked from one Python that has already imported torch and Accelerate.
 
-Why: every trainer process spends about 6 CPU-s importing torch, its compiler stack (torch.optim
-imports torch._dynamo) and Accelerate before its first step (2-core dev machine, 2026-11-29), and the
-suite starts a few hundred of them: on 2 cores that start-up was most of the suite's time. A child
+Why: every trainer process spends 4-6 CPU-s importing torch and Accelerate before its first step
+(2-core dev machine, 2026-11-29), and the suite starts a few hundred of them: on 2 cores that start-up
+was most of the suite's time. The server imports what a fresh single-process trainer imports (PRELOAD)
+and nothing more: not torch._dynamo nor torchvision, which such a run never loads (tests/test_startup.py),
+so a forked child takes the same code paths as a fresh one; ranks of a gloo group load the compiler
+themselves, when DDP imports it, as real ranks do. A child
 forked from this server starts in a fraction of a second and is otherwise an ordinary process: its
 own pid and session, its own environment, working directory, stdin, stdout and stderr, the real
 signals and exit codes; it runs `python -m dist_cifar.train ARGS` or `python dist_cifar/train.py ARGS`
@@ -36,8 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-PRELOAD = ("numpy", "torch", "torch._dynamo", "torch.distributed", "torchvision", "accelerate", "yaml", "tqdm",
-           "safetensors.torch")
+PRELOAD = ("numpy", "torch", "torch.distributed", "accelerate", "yaml", "tqdm", "safetensors.torch")
 # A request whose environment sets or changes one of these goes to a fresh interpreter: they are read
 # when Python, OpenMP or torch start, so a forked child would silently keep the server's values.
 STARTUP_VARIABLES = ("PYTHON", "OMP_", "MKL_", "LD_", "CUDA", "TORCH", "KMP_", "GOMP_")
