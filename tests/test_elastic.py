@@ -8,6 +8,15 @@ divides each update by the gradient's own scale and so turns last-bit difference
 gradients into whole-step ones (measured 2026-11-28, uninterrupted runs, this config with AdamW lr
 0.001: largest weight difference 1.4e-6 between 1 and 2 processes, 0.037 between 2 and 3, accuracy
 18.51 / 18.51 / 18.31 %); with SGD 2 and 3 processes differ by 1.6e-7 and agree on accuracy.
+
+That float-order difference does not always stay small: a max-pool or ReLU that sits on a near tie can
+route one step's gradient differently, and the runs drift apart from there (2026-11-29: resumed 3 -> 2 at
+step 20, the weights were within 3e-8 of the uninterrupted 2-process run's up to step 37, 2e-6 at step
+38, 0.06 at step 100, accuracy 16.03 against 16.94 %; resumed at steps 15, 25 or 30, 1e-7 at the end).
+Which step a killed run resumes from depends on the machine's load, so the state carried over is compared
+five steps after the resume, where only float order separates a correct resume from the uninterrupted run,
+and a state that was not carried over (weights, momentum, lr, position) already shows by orders of
+magnitude. The samples themselves are compared exactly, step by step, for the whole run.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import run_train, start_train, tail
@@ -30,7 +40,7 @@ TOTAL_STEPS = 100
 def elastic_args(data_args, run_dir, *extra) -> list[str]:
     return ["--config", "configs/smoke.yaml", *data_args, "data.train_subset=600", "train.epochs=2",
             "train.global_batch_size=12", "train.per_device_batch_size=null", "data.augment.flip=true",
-            "data.augment.crop_padding=2", "checkpoint.every_steps=5", "checkpoint.keep_last=1",
+            "data.augment.crop_padding=2", "checkpoint.every_steps=5", "checkpoint.keep_last=100",
             "optim.name=sgd", "optim.lr=0.05", "train.eval_every_epochs=0", "tracking.plots=false",
             "train.threads=1", "train.resume=auto",
             f"output_dir={run_dir}", *extra]
@@ -69,6 +79,18 @@ def max_weight_difference(a: Path, b: Path) -> float:
     mine, theirs = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert mine.keys() == theirs.keys()
     return max(float((mine[k].double() - theirs[k].double()).abs().max()) for k in mine)
+
+
+def max_momentum_difference(a: Path, b: Path) -> float:
+    """Largest difference between the SGD momentum buffers of two checkpoint folders."""
+    mine, theirs = (torch.load(folder / "state.pt", weights_only=True)["optimizer"]["state"] for folder in (a, b))
+    assert mine.keys() == theirs.keys() and mine
+    return max(float((mine[i]["momentum_buffer"].double() - theirs[i]["momentum_buffer"].double()).abs().max())
+               for i in mine)
+
+
+def checkpoint_folder(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +141,17 @@ def resume_on(data_args, killed: Path, root: Path, nprocs: int, written_by: int,
     differ = [s for s in range(1, TOTAL_STEPS + 1) if combined.get(s) != reference_steps[s]]
     assert not differ, f"steps whose samples differ from the uninterrupted run's: {differ[:10]}"
 
-    gap = abs(accuracy(run_dir) - accuracy(reference_dir))
-    weights = max_weight_difference(run_dir, reference_dir)
-    print(f"\nresumed {written_by} -> {nprocs} processes at step {resumed_step}: accuracy {100 * accuracy(run_dir):.2f} % "
-          f"vs {100 * accuracy(reference_dir):.2f} % uninterrupted, largest weight difference {weights:.3g}")
-    assert gap <= 0.005, f"accuracy {accuracy(run_dir)} vs {accuracy(reference_dir)}"
-    assert weights < 1e-4, f"weights differ by up to {weights} from the uninterrupted run's (float order alone: ~1e-7)"
+    # five steps after the resume (checkpoints every 5 steps, all kept): only float order may differ
+    after = resumed_step + 5
+    mine, theirs = checkpoint_folder(run_dir, after), checkpoint_folder(reference_dir, after)
+    weights, momentum = max_weight_difference(mine, theirs), max_momentum_difference(mine, theirs)
+    print(f"\nresumed {written_by} -> {nprocs} processes at step {resumed_step}: at step {after} the weights differ "
+          f"from the uninterrupted run's by up to {weights:.3g} and the momentum by {momentum:.3g}; at the end "
+          f"{max_weight_difference(run_dir, reference_dir):.3g}, accuracy {100 * accuracy(run_dir):.2f} % vs "
+          f"{100 * accuracy(reference_dir):.2f} %")
+    assert weights < 1e-5 and momentum < 1e-4, (
+        f"step {after}: weights differ by up to {weights}, momentum by {momentum} from the uninterrupted run's "
+        f"(float order alone: ~1e-7)")
     metrics = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics == [1, 2], metrics
     results = json.loads((run_dir / "results.json").read_text())

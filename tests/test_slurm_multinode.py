@@ -21,7 +21,7 @@ import subprocess
 import pytest
 
 from conftest import run_train, start_train, tail
-from test_elastic import max_weight_difference
+from test_elastic import checkpoint_folder, checkpoint_steps, max_momentum_difference, max_weight_difference
 from test_slurm import CLUSTER_SH, SlurmCluster, _results, _unavailable
 
 # 2,000 images, two epochs of 62 steps of 16 x 2 images, a checkpoint every 10 steps: about 10 s of
@@ -161,9 +161,11 @@ def test_usr1_on_two_nodes_requeues_and_resumes_exactly(two_node_cluster, data_a
 # ARGS with one global batch for any world size (32 = 16 x 2 = 32 x 1) and SGD, which keeps 1 and 2
 # processes a float-order apart (AdamW does not, see test_elastic.py), at an lr that is not chaotic
 # here. Measured 2026-11-28, uninterrupted runs, largest weight difference between 1 and 2 processes:
-# lr 0.02: 2.7e-7, accuracy 24.20 % both; lr 0.05: 0.074, accuracy 20.03 % vs 17.00 %.
+# lr 0.02: 2.7e-7, accuracy 24.20 % both; lr 0.05: 0.074, accuracy 20.03 % vs 17.00 %. Even so a
+# resume from some step can drift (test_elastic.py's docstring), so the state is compared at the first
+# checkpoint after the resume (all kept); at the end the run only has to have gone on learning.
 ELASTIC_ARGS = (*ARGS, "train.global_batch_size=32", "train.per_device_batch_size=null", "optim.name=sgd",
-                "optim.lr=0.02")
+                "optim.lr=0.02", "checkpoint.keep_last=100")
 
 
 def test_usr1_on_two_nodes_requeued_onto_one_node_resumes(two_node_cluster, data_args, tmp_path):
@@ -214,12 +216,17 @@ def test_usr1_on_two_nodes_requeued_onto_one_node_resumes(two_node_cluster, data
     assert (results["world_size"], results["global_batch_size"], results["num_eval_samples"]) == (1, 32, 10000)
     assert results["steps"] == reference["steps"] and 0 < int(resumed[2]) < reference["steps"], (
         f"resumed at step {resumed[2]} of {results['steps']}, the uninterrupted run made {reference['steps']}")
+    after = min(s for s in checkpoint_steps(run_dir) if s > int(resumed[2]) and s in checkpoint_steps(reference_dir))
+    mine, theirs = checkpoint_folder(run_dir, after), checkpoint_folder(reference_dir, after)
+    weights, momentum = max_weight_difference(mine, theirs), max_momentum_difference(mine, theirs)
     gap = abs(results["accuracy"] - reference["accuracy"])
-    weights = max_weight_difference(run_dir, reference_dir)
-    print(f"\n2 nodes -> 1 node at step {resumed[2]}: accuracy {100 * results['accuracy']:.2f} % vs "
-          f"{100 * reference['accuracy']:.2f} % of 2 processes uninterrupted ({100 * gap:.2f} points), "
-          f"largest weight difference {weights:.3g}")
-    assert gap <= 0.005, f"accuracy {results['accuracy']} vs {reference['accuracy']} of 2 processes uninterrupted"
+    print(f"\n2 nodes -> 1 node at step {resumed[2]}: at step {after} the weights differ from 2 processes "
+          f"uninterrupted by up to {weights:.3g}, the momentum by {momentum:.3g}; at the end "
+          f"{max_weight_difference(run_dir, reference_dir):.3g}, accuracy {100 * results['accuracy']:.2f} % vs "
+          f"{100 * reference['accuracy']:.2f} % ({100 * gap:.2f} points)")
+    assert weights < 1e-5 and momentum < 1e-4, (
+        f"step {after}: weights differ by up to {weights}, momentum by {momentum} from 2 processes uninterrupted")
+    assert results["accuracy"] > 0.15, f"accuracy {results['accuracy']}: the resumed run did not go on learning"
 
 
 def test_second_cluster_coexists_and_down_cleans_up(two_node_cluster, tmp_path):
