@@ -10,15 +10,19 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # install PACKAGES...: uv when it can (about 4x faster than pip for torch's 5 GB of wheels), with pip's
 # own settings (indexes, find-links, version caps, certificates) passed on to it; pip when uv cannot.
-# uv_settings reads pip's settings and installs uv, once. UV_COMPILE_BYTECODE: uv, unlike pip, writes no
-# .pyc files at install, and where PYTHONDONTWRITEBYTECODE is set (as on our CI machines) Python writes
-# none at import either, so every process compiled torch's sources again: `import torch, torch._dynamo,
+# uv_settings reads pip's settings and installs uv, once. Bytecode: uv, unlike pip, writes no .pyc files
+# at install, and where PYTHONDONTWRITEBYTECODE is set (as on our CI machines) Python writes none at
+# import either, so every process compiled torch's sources again: `import torch, torch._dynamo,
 # accelerate, torchvision` took 15.9 CPU-s in such a venv against 6.1 with the .pyc files (2026-11-29).
+# compileall writes them after the install (45 s for torch on 2 cores; 7 s when they are all there).
+# Not uv's UV_COMPILE_BYTECODE: one CI run here (2026-11-29) ended its compile step with "Bytecode
+# compilation failed, expected \".../networkx/.../test_connectivity.py\", received: \"\"", and the pip
+# fallback then found the packages uv had placed already and compiled none of them.
 uv_env=() uv_checked=
 uv_settings() {
     uv_checked=1
     local line key value
-    uv_env=(UV_INDEX_STRATEGY=unsafe-best-match UV_COMPILE_BYTECODE=1)
+    uv_env=(UV_INDEX_STRATEGY=unsafe-best-match)
     while IFS= read -r line; do
         key=${line%%=*} value=${line#*=}
         value=${value#\'} value=${value%\'}
@@ -44,6 +48,9 @@ if ! .venv/bin/python -c "import dist_cifar, pytest, xdist, torch, torchvision, 
     # On machines whose pip is capped at these versions (and holds them on disk) this is offline.
     install "torch==2.14.1" "torchvision==0.29.1" || install torch torchvision
     install -e ".[test,bench]"
+    # exit status 1 when any file does not compile (some packages ship deliberately broken test files):
+    # such a file only lacks its .pyc
+    .venv/bin/python -m compileall -q -j 0 .venv/lib >/dev/null 2>&1 || true
 fi
 # Two pytest-xdist workers unless the arguments choose (-n N, -p no:xdist): the suite spends about
 # half its time waiting on processes and SLURM, so two workers keep both cores busy. Each test file
