@@ -14,10 +14,10 @@ fi
 # at install, and where PYTHONDONTWRITEBYTECODE is set (as on our CI machines) Python writes none at
 # import either, so every process compiled torch's sources again: `import torch, torch._dynamo,
 # accelerate, torchvision` took 15.9 CPU-s in such a venv against 6.1 with the .pyc files (2026-11-29).
-# compileall writes them after the install (45 s for torch on 2 cores; 7 s when they are all there).
-# Not uv's UV_COMPILE_BYTECODE: one CI run here (2026-11-29) ended its compile step with "Bytecode
-# compilation failed, expected \".../networkx/.../test_connectivity.py\", received: \"\"", and the pip
-# fallback then found the packages uv had placed already and compiled none of them.
+# compileall writes them after the install, whichever installer ran (45 s for torch on 2 cores; 7 s when
+# they are all there). Not uv's UV_COMPILE_BYTECODE: when that step fails after uv has placed the
+# packages (seen here when its compile workers were killed), the pip fallback finds them installed and
+# compiles none of them.
 uv_env=() uv_checked=
 uv_settings() {
     uv_checked=1
