@@ -80,25 +80,22 @@ class EagerStart:
         with torch.set_grad_enabled(self.defaults.get("differentiable", False)):  # the step wrapper's other job
             return _bare(super().step)(self, closure)
 
+    def _torch_method(self, name: str, *args):
+        """torch's method `name`: through its wrappers once torch._dynamo is loaded, else the bare function."""
+        method = getattr(super(), name)
+        return method(*args) if _COMPILER in sys.modules else _bare(method)(self, *args)
+
     def add_param_group(self, param_group):
-        if _COMPILER in sys.modules:
-            return super().add_param_group(param_group)
-        return _bare(super().add_param_group)(self, param_group)
+        return self._torch_method("add_param_group", param_group)
 
     def zero_grad(self, set_to_none: bool = True):
-        if _COMPILER in sys.modules:
-            return super().zero_grad(set_to_none)
-        return _bare(super().zero_grad)(self, set_to_none)
+        return self._torch_method("zero_grad", set_to_none)
 
     def state_dict(self):
-        if _COMPILER in sys.modules:
-            return super().state_dict()
-        return _bare(super().state_dict)(self)
+        return self._torch_method("state_dict")
 
     def load_state_dict(self, state_dict):
-        if _COMPILER in sys.modules:
-            return super().load_state_dict(state_dict)
-        return _bare(super().load_state_dict)(self, state_dict)
+        return self._torch_method("load_state_dict", state_dict)
 
 
 class SGD(EagerStart, torch.optim.SGD):

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_train, start_train, tail
+from test_resume import checkpoint
 
 STEPS_PER_EPOCH = 50
 TOTAL_STEPS = 100
@@ -89,10 +90,6 @@ def max_momentum_difference(a: Path, b: Path) -> float:
                for i in mine)
 
 
-def checkpoint_folder(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:08d}"
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_args) -> tuple[Path, dict]:
     """Two processes, never interrupted."""
@@ -143,7 +140,7 @@ def resume_on(data_args, killed: Path, root: Path, nprocs: int, written_by: int,
 
     # five steps after the resume (checkpoints every 5 steps, all kept): only float order may differ
     after = resumed_step + 5
-    mine, theirs = checkpoint_folder(run_dir, after), checkpoint_folder(reference_dir, after)
+    mine, theirs = checkpoint(run_dir, after), checkpoint(reference_dir, after)
     weights, momentum = max_weight_difference(mine, theirs), max_momentum_difference(mine, theirs)
     print(f"\nresumed {written_by} -> {nprocs} processes at step {resumed_step}: at step {after} the weights differ "
           f"from the uninterrupted run's by up to {weights:.3g} and the momentum by {momentum:.3g}; at the end "

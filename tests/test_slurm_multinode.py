@@ -21,7 +21,8 @@ import subprocess
 import pytest
 
 from conftest import run_train, start_train, tail
-from test_elastic import checkpoint_folder, checkpoint_steps, max_momentum_difference, max_weight_difference
+from test_elastic import checkpoint_steps, max_momentum_difference, max_weight_difference
+from test_resume import checkpoint
 from test_slurm import CLUSTER_SH, SlurmCluster, _results, _unavailable
 
 # 2,000 images, two epochs of 62 steps of 16 x 2 images, a checkpoint every 10 steps: about 10 s of
@@ -216,8 +217,9 @@ def test_usr1_on_two_nodes_requeued_onto_one_node_resumes(two_node_cluster, data
     assert (results["world_size"], results["global_batch_size"], results["num_eval_samples"]) == (1, 32, 10000)
     assert results["steps"] == reference["steps"] and 0 < int(resumed[2]) < reference["steps"], (
         f"resumed at step {resumed[2]} of {results['steps']}, the uninterrupted run made {reference['steps']}")
-    after = min(s for s in checkpoint_steps(run_dir) if s > int(resumed[2]) and s in checkpoint_steps(reference_dir))
-    mine, theirs = checkpoint_folder(run_dir, after), checkpoint_folder(reference_dir, after)
+    both = set(checkpoint_steps(run_dir)) & set(checkpoint_steps(reference_dir))
+    after = min(s for s in both if s > int(resumed[2]))
+    mine, theirs = checkpoint(run_dir, after), checkpoint(reference_dir, after)
     weights, momentum = max_weight_difference(mine, theirs), max_momentum_difference(mine, theirs)
     gap = abs(results["accuracy"] - reference["accuracy"])
     print(f"\n2 nodes -> 1 node at step {resumed[2]}: at step {after} the weights differ from 2 processes "
