@@ -10,9 +10,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration: reported as one line, never as a traceback."""
+from dist_cifar.errors import ConfigError
 
 
 def option(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, low=None, high=None, choices=None,
@@ -109,6 +107,9 @@ class TrainConfig:
     tta_level: int = option(0, low=0, high=2)  # test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
     target_accuracy: float = option(0.0, low=0.0, high=1.0)  # stop early once test accuracy reaches this (0..1); 0 = never
     threads: int = option(0, low=0)  # torch intra-op threads per process on CPU; 0 = cores / local processes
+    # stop with an error (exit 1) once a loss, gradient norm or weight is NaN or inf, checked on the device and
+    # read where the ranks meet anyway (every preempt.check_every_steps steps, checkpoints, the epoch's end)
+    stop_on_nonfinite: bool = True
 
 
 @dataclass

@@ -23,11 +23,14 @@ if __package__ in (None, ""):  # run as a file: make the package importable with
 
 import torch
 
-from dist_cifar import checkpoint as ckpt
+from dist_cifar.state import checkpoint as ckpt
 from dist_cifar.config import DATA_ENV, data_layout, to_dict
-from dist_cifar.data import DataError, load_dataset
-from dist_cifar.evaluate import confusion_matrix, per_class_table, summarize
-from dist_cifar.runtime import MainLog, NullLog, RunError, build_accelerator, versions
+from dist_cifar.data.sources import DataError, load_dataset
+from dist_cifar.engine.evaluation import confusion_matrix, per_class_table, summarize
+from dist_cifar.dist.accelerator import build_accelerator
+from dist_cifar.errors import RunError
+from dist_cifar.observe.log import MainLog, NullLog
+from dist_cifar.versions import versions
 
 EVALUATION_NAME = "evaluation.json"
 

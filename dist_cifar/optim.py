@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-import sys
 
 import torch
 from torch import nn
 
+from dist_cifar.compat.torch_optim import EagerStart
 from dist_cifar.config import Config
 from dist_cifar.models import norm_parameters
 
@@ -52,50 +51,6 @@ def build_optimizer(cfg: Config, model: nn.Module, global_batch_size: int) -> to
     for g in groups:
         g["weight_decay"] = g["decay"]
     return AdamW(groups, lr=lr, betas=tuple(o.betas))
-
-
-_COMPILER = "torch._dynamo"
-
-
-def _bare(method):
-    """The function behind a bound method of torch's, past the wrappers it was decorated with."""
-    return inspect.unwrap(method.__func__)
-
-
-class EagerStart:
-    """Mixin for a torch optimizer: torch's own methods, without their torch.compile wrappers while no part
-    of the process has loaded torch's compiler (torch._dynamo).
-
-    Those wrappers import torch._dynamo on first use (torch 2.14: 2-3 s of CPU at start-up, about as much
-    as `import torch` itself) and do nothing outside a compiled region: `graph_break()` around `step`,
-    `_disable_dynamo` around `add_param_group`, `zero_grad`, `state_dict` and `load_state_dict`. While
-    torch._dynamo is not in sys.modules no region can be compiled, so the bare method does exactly the same
-    work (tests/unit/test_optim_units.py compares the two bit for bit); once anything has imported it
-    (model.compile=true, torchvision's dataset), every call goes through torch's wrappers as before.
-    """
-
-    def step(self, closure=None):
-        if _COMPILER in sys.modules:
-            return super().step(closure)
-        with torch.set_grad_enabled(self.defaults.get("differentiable", False)):  # the step wrapper's other job
-            return _bare(super().step)(self, closure)
-
-    def _torch_method(self, name: str, *args):
-        """torch's method `name`: through its wrappers once torch._dynamo is loaded, else the bare function."""
-        method = getattr(super(), name)
-        return method(*args) if _COMPILER in sys.modules else _bare(method)(self, *args)
-
-    def add_param_group(self, param_group):
-        return self._torch_method("add_param_group", param_group)
-
-    def zero_grad(self, set_to_none: bool = True):
-        return self._torch_method("zero_grad", set_to_none)
-
-    def state_dict(self):
-        return self._torch_method("state_dict")
-
-    def load_state_dict(self, state_dict):
-        return self._torch_method("load_state_dict", state_dict)
 
 
 class SGD(EagerStart, torch.optim.SGD):

@@ -20,9 +20,9 @@ if __package__ in (None, ""):  # run as a file: make the package importable with
 import numpy as np
 import torch
 
-from dist_cifar import checkpoint as ckpt
-from dist_cifar.data import DataError, decode_images, is_image_file
-from dist_cifar.pipeline import normalize
+from dist_cifar.state import checkpoint as ckpt
+from dist_cifar.data.sources import DataError, decode_images, is_image_file
+from dist_cifar.data.batches import normalize
 
 
 def parse_args(argv=None):

@@ -16,8 +16,8 @@ if __package__ in (None, ""):  # run as a file: make the package importable with
 import numpy as np
 
 from dist_cifar.config import ConfigError, load_config
-from dist_cifar.data import DataError, load_dataset
-from dist_cifar.plots import write_data_grid
+from dist_cifar.data.sources import DataError, load_dataset
+from dist_cifar.observe.plots import write_data_grid
 
 
 def parse_args(argv=None):

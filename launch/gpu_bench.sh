@@ -57,7 +57,7 @@ stage airbench94 150 $PY -m dist_cifar.sweep --config configs/airbench94.yaml --
 stage airbench94_fp16 150 $PY -m dist_cifar.sweep --config configs/airbench94.yaml --seeds 0-4 \
     --out "$OUT/runs/airbench94_fp16" --warmup-epochs 1 "${COMMON[@]}" train.mixed_precision=fp16
 
-# 4. the peers beside dist_cifar, interleaved, each run its own process (dist_cifar/bench_gpu.py), and one
+# 4. the peers beside dist_cifar, interleaved, each run its own process (dist_cifar/bench/gpu.py), and one
 #    torchrun run (the NCCL path); the JSON is rewritten after every run, so a stage that runs out keeps its rows
 if [[ $STAGES == *" peers "* ]] && ! $PY -c "import airbench" 2>/dev/null; then
     $PY -m pip install -q --no-deps "${AIRBENCH_SDIST:-airbench==0.1.8}" || echo "== peers: could not install airbench"

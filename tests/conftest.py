@@ -103,7 +103,7 @@ def data_root() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
     """(autouse) $DIST_CIFAR_CACHE -> a fresh folder for this session, so no test reads a stale cache.
-    xdist's workers share one (data.py's lock lets one of them decode while the other waits), and
+    xdist's workers share one (the lock in dist_cifar/data/sources.py lets one of them decode while the other waits), and
     $DIST_CIFAR_TEST_CACHE names one to share with the caller (.ci/run's quick start decodes into it)."""
     global _LOG_ROOT
     _LOG_ROOT = tmp_path_factory.mktemp("train-logs")
@@ -129,7 +129,7 @@ def data_args(data_root, cache_dir) -> list[str]:
     """Overrides that point a run at data_root; decodes the images into the cache once (about a
     minute on 2 cores), here rather than inside the first test's time limit."""
     from dist_cifar.config import DataConfig
-    from dist_cifar.data import load_dataset
+    from dist_cifar.data.sources import load_dataset
 
     load_dataset(DataConfig(name="imagefolder", root=str(data_root)))
     return ["data.name=imagefolder", f"data.root={data_root}"]

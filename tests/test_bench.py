@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dist_cifar import bench, bench_loops
+from dist_cifar.bench import cpu as bench, loops as bench_loops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def test_gpu_quick_bench_runs_every_peer_row(tmp_path, data_args, data_root, cac
     airbench's cifar10/*.pt files holding the folders' images and labels, ratios of the rows' numbers."""
     pytest.importorskip("airbench", reason="the airbench package (the `bench` extra) is not installed: "
                                            "pip install -e '.[bench]'")
-    from dist_cifar import bench_gpu
+    from dist_cifar.bench import gpu as bench_gpu
 
     out, work = tmp_path / "gpu.json", tmp_path / "work"
     proc = subprocess.run([sys.executable, "-m", "dist_cifar.bench", "--gpu", "--quick", "--data", str(data_root),

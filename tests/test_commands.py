@@ -84,10 +84,10 @@ def test_evaluate_refuses_data_with_other_classes(run_dir, data_root, tmp_path):
 
 def test_predict_matches_the_training_preprocessing(run_dir, data_root):
     """Top-1 of predict on test JPEGs equals the model's prediction on the trainer's decoded test split."""
-    from dist_cifar.checkpoint import load_model
+    from dist_cifar.state.checkpoint import load_model
     from dist_cifar.config import DataConfig
-    from dist_cifar.data import load_dataset
-    from dist_cifar.pipeline import normalize
+    from dist_cifar.data.sources import load_dataset
+    from dist_cifar.data.batches import normalize
 
     files = [data_root / "test" / c / f"{i:04d}.jpg" for c in ("cat", "ship") for i in range(6)]
     out = command("dist_cifar.predict", run_dir / "model.safetensors", *files, "--json", "--top-k", "3")
@@ -134,7 +134,7 @@ def test_predict_reports_each_bad_item_and_goes_on(run_dir, data_root, tmp_path)
 
 
 def test_predict_refuses_unusable_checkpoints(run_dir, data_root, tmp_path):
-    from dist_cifar.checkpoint import load_weights, save_weights
+    from dist_cifar.state.checkpoint import load_weights, save_weights
 
     image = data_root / "test" / "cat" / "0000.jpg"
     not_a_model = command("dist_cifar.predict", run_dir / "config.yaml", image)

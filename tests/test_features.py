@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import run_train, tail
-from dist_cifar.checkpoint import load_state
+from dist_cifar.state.checkpoint import load_state
 from dist_cifar.config import DataConfig, ModelConfig
-from dist_cifar.data import load_dataset
-from dist_cifar.evaluate import predict_logits
+from dist_cifar.data.sources import load_dataset
+from dist_cifar.engine.evaluation import predict_logits
 from dist_cifar.models import build_model
-from dist_cifar.pipeline import normalize
+from dist_cifar.data.batches import normalize
 
 COMMON = ["--config", "configs/smoke.yaml", "tracking.plots=false", "train.threads=1"]
 # A and everything compared with it: 640 images, 20 optimizer steps of 32 images per epoch

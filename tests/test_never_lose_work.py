@@ -38,34 +38,25 @@ END_ARGS = ["--config", "configs/smoke.yaml", "data.train_subset=400", "train.ep
 
 
 @pytest.mark.parametrize("launch", ["torchrun-2", "torchrun-3", "accelerate-2"])
-def test_multi_process_runs_end_cleanly_when_collective_threads_lag(launch, data_args, tmp_path):
-    """The abort at exit came from a gloo worker thread that frees a finished collective's tensors a
-    moment after the main thread moved on: during interpreter shutdown that needs the GIL and ends in
-    std::terminate (runtime.leave). DIST_CIFAR_FAULT=starve_gloo makes those threads lag for the last
-    collectives (lowest priority, on core 0 beside a spinning process) until the rank leaves. Every rank
-    must exit 0, the main process's files must be complete, and the spinning processes must be gone.
-    This does not reproduce the abort itself: with leave()'s fix undone, 0 of 21 runs aborted here
-    (2026-11-29, torch 2.14.1; this hook and the earlier one that spun for the whole test alike)."""
+def test_multi_process_runs_end_cleanly(launch, data_args, tmp_path):
+    """Every rank exits 0 with the main process's files complete, and no rank aborts at exit. The abort
+    this guards against (a gloo worker thread freeing a finished collective's tensors during interpreter
+    shutdown: std::terminate, see dist_cifar/dist/exit.py) was seen only on loaded machines and is not
+    reproduced here on demand; this proves the ordinary end under every launcher."""
     run_dir = tmp_path / "run"
     args = [*END_ARGS, *data_args, f"output_dir={run_dir}"]
-    env = child_env({"DIST_CIFAR_FAULT": "starve_gloo"})
     if launch.startswith("accelerate"):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--main_process_port", str(free_port()), "dist_cifar/train.py", *args]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
         output, code = proc.stdout + proc.stderr, proc.returncode
     else:
-        proc = run_train(args, nprocs=int(launch.split("-")[1]), env={"DIST_CIFAR_FAULT": "starve_gloo"}, timeout=600)
+        proc = run_train(args, nprocs=int(launch.split("-")[1]), timeout=600)
         output, code = proc.stdout, proc.returncode
     assert "terminate called" not in output, tail(output)
     assert code == 0, tail(output)
     r = results(run_dir)
     assert r["num_eval_samples"] == 10000 and (run_dir / "model.safetensors").is_file()
-    deadline = time.monotonic() + 10
-    spinning = ["pgrep", "-f", r"while os.getppid\(\) == parent"]
-    while spinners := subprocess.run(spinning, capture_output=True, text=True).stdout.split():
-        assert time.monotonic() < deadline, f"the starve hook's spinning processes outlived the run: {spinners}"
-        time.sleep(0.2)
 
 
 # ---- 2. one run per folder ----
@@ -321,7 +312,7 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path, monkeypatch):
     from PIL import Image
 
     from dist_cifar.config import DataConfig
-    from dist_cifar.data import load_dataset
+    from dist_cifar.data.sources import load_dataset
 
     rng = np.random.default_rng(0)
     grey = {}

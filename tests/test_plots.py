@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dist_cifar import plots
+from dist_cifar.observe import plots
 from smoke_run import smoke_run
 
 
@@ -20,9 +20,9 @@ def run_dir(tmp_path_factory, data_args):
 @pytest.fixture(scope="module")
 def trained(run_dir, data_root):
     """(results, history, network, config, test split) of the real run."""
-    from dist_cifar.checkpoint import load_model
+    from dist_cifar.state.checkpoint import load_model
     from dist_cifar.config import DataConfig
-    from dist_cifar.data import load_dataset
+    from dist_cifar.data.sources import load_dataset
 
     net, cfg, _ = load_model(run_dir / "model.safetensors")
     results = json.loads((run_dir / "results.json").read_text())

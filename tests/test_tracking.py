@@ -21,7 +21,7 @@ import yaml
 
 from conftest import REPO, child_env, free_port, run_train, start_train, tail
 from dist_cifar.config import Config, from_dict
-from dist_cifar.runtime import MainLog
+from dist_cifar.observe.log import MainLog
 
 FAKE_KEY = "fake-test-key-0123456789abcdef0123456789abcdef0123"
 
@@ -101,8 +101,8 @@ def make_config(run_dir: Path, **wandb) -> Config:
 
 
 def start(cfg: Config, run_dir: Path):
-    from dist_cifar.runtime import build_accelerator
-    from dist_cifar.tracking import Tracker, accelerator_kwargs
+    from dist_cifar.dist.accelerator import build_accelerator
+    from dist_cifar.observe.tracking import Tracker, accelerator_kwargs
 
     accelerator, _ = build_accelerator(cfg, **accelerator_kwargs(cfg))
     log = RecordingLog(run_dir)
@@ -206,7 +206,7 @@ def test_online_with_an_unreachable_server_goes_offline_at_once(wandb_env, tmp_p
 
 
 def test_disabled_tracking_does_nothing(wandb_env, tmp_path):
-    from dist_cifar.tracking import accelerator_kwargs
+    from dist_cifar.observe.tracking import accelerator_kwargs
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -323,8 +323,9 @@ def _rank_main(run_dir: Path) -> None:
     """(each rank of a torchrun job) What the trainer does with a Tracker: build, log on all ranks, finish."""
     import torch
 
-    from dist_cifar.runtime import NullLog, build_accelerator
-    from dist_cifar.tracking import Tracker, accelerator_kwargs
+    from dist_cifar.dist.accelerator import build_accelerator
+    from dist_cifar.observe.log import NullLog
+    from dist_cifar.observe.tracking import Tracker, accelerator_kwargs
 
     cfg = make_config(run_dir, mode="offline")
     accelerator, _ = build_accelerator(cfg, **accelerator_kwargs(cfg))

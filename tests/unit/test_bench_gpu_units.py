@@ -1,4 +1,4 @@
-"""dist_cifar.bench_gpu in-process: airbench's cifar10/*.pt files from a tiny image folder, the ratios and
+"""dist_cifar.bench.gpu in-process: airbench's cifar10/*.pt files from a tiny image folder, the ratios and
 targets from known medians, and the one-line stop when the airbench package is missing."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dist_cifar import bench, bench_gpu
+from dist_cifar.bench import cpu as bench, gpu as bench_gpu
 
 CLASSES = {"cat": 3, "ant": 2, "bee": 4}  # folder name: training images; sorted, the labels are ant 0, bee 1, cat 2
 

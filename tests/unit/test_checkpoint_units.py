@@ -1,4 +1,4 @@
-"""dist_cifar.checkpoint in-process, on a temporary folder: atomic writes, verification, keep-last plus keep-best pruning."""
+"""dist_cifar.state.checkpoint in-process, on a temporary folder: atomic writes, verification, keep-last plus keep-best pruning."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from dist_cifar import checkpoint as ckpt
+from dist_cifar.state import checkpoint as ckpt
 
 
 def write(folder, step: int, accuracy=None):

@@ -1,4 +1,4 @@
-"""dist_cifar.data helpers in-process: seeded subsets, image-folder listing, 16-bit scaling, cache location."""
+"""dist_cifar.data.sources helpers in-process: seeded subsets, image-folder listing, 16-bit scaling, cache location."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dist_cifar.config import DataConfig
-from dist_cifar.data import DataError, Split, cache_root, list_image_folder, subset, to_rgb8
+from dist_cifar.data.sources import DataError, Split, cache_root, list_image_folder, subset, to_rgb8
 
 
 def test_subset_is_a_seeded_draw_in_the_original_order():

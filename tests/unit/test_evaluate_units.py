@@ -1,4 +1,4 @@
-"""dist_cifar.evaluate in-process on one CPU process: test-time augmentation, confusion counts, accuracies."""
+"""dist_cifar.engine.evaluation in-process on one CPU process: test-time augmentation, confusion counts, accuracies."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from dist_cifar.data import Split
-from dist_cifar.evaluate import confusion_matrix, per_class_table, predict_logits, summarize
+from dist_cifar.data.sources import Split
+from dist_cifar.engine.evaluation import confusion_matrix, per_class_table, predict_logits, summarize
 
 
 class PixelWeights(nn.Module):

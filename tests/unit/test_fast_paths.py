@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from dist_cifar.config import AugmentConfig
-from dist_cifar.data import Split
-from dist_cifar.pipeline import CHUNK_IMAGES, DeviceBatches, Normalizer, augment, epoch_plan
-from dist_cifar.train import NO_CONTEXT, step_contexts
+from dist_cifar.data.sources import Split
+from dist_cifar.data.batches import CHUNK_IMAGES, DeviceBatches, Normalizer, augment, epoch_plan
+from dist_cifar.engine.step import NO_CONTEXT, step_contexts
 
 CPU = torch.device("cpu")
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]

@@ -1,4 +1,4 @@
-"""dist_cifar.pipeline in-process: seeded epoch plans, shards over ranks and accumulation steps, the test
+"""dist_cifar.data.batches in-process: seeded epoch plans, shards over ranks and accumulation steps, the test
 split's shards, and the crop and flip augmentation against an independent numpy version."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dist_cifar.config import AugmentConfig
-from dist_cifar.data import Split
-from dist_cifar.pipeline import DeviceBatches, augment, epoch_plan, eval_batches
+from dist_cifar.data.sources import Split
+from dist_cifar.data.batches import DeviceBatches, augment, epoch_plan, eval_batches
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""dist_cifar.progress in-process: tqdm on a terminal, plain timed lines anywhere else."""
+"""dist_cifar.observe.progress in-process: tqdm on a terminal, plain timed lines anywhere else."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 from tqdm import tqdm
 
-from dist_cifar.progress import SECONDS_VAR, LineProgress, duration, progress_bar
+from dist_cifar.observe.progress import SECONDS_VAR, LineProgress, duration, progress_bar
 
 
 class FakeStream(io.StringIO):

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from dist_cifar.config import load_config
-from dist_cifar.resume import Progress
-from dist_cifar.bookkeeping import EpochClock, checkpoint_due
+from dist_cifar.state.resume import Progress
+from dist_cifar.engine.clock import EpochClock
+from dist_cifar.engine.run import checkpoint_due
 
 STEPS_PER_EPOCH = 10
 

@@ -8,18 +8,15 @@ be reproduced after a restart without replaying the ones before it.
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dist_cifar.config import AugmentConfig
-from dist_cifar.data import Split
+from dist_cifar.data.sources import Split
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -217,32 +214,3 @@ def eval_batches(split: Split, *, batch_size: int, rank: int, world_size: int, m
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, labels[start:stop].to(device, non_blocking=True)
-
-
-class SampleLedger:
-    """Test-only: with $DIST_CIFAR_LEDGER=DIR, every rank appends one JSON line per micro-step to
-    DIR/rank{R}-pid{PID}.jsonl: epoch, the 1-based optimizer step it belongs to, micro-step, rank and
-    the sample indices it trains on. Tests compare what runs on different world sizes trained on."""
-
-    ENV = "DIST_CIFAR_LEDGER"
-
-    def __init__(self, path: Path, rank: int):
-        self.rank = rank
-        self.file = open(path, "a")
-
-    @classmethod
-    def from_env(cls, rank: int) -> "SampleLedger | None":
-        folder = os.environ.get(cls.ENV)
-        if not folder:
-            return None
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        return cls(Path(folder) / f"rank{rank}-pid{os.getpid()}.jsonl", rank)
-
-    def record(self, epoch: int, step: int, micro_step: int, index: torch.Tensor) -> None:
-        line = {"epoch": epoch, "step": step, "micro_step": micro_step, "rank": self.rank,
-                "indices": [int(i) for i in index.tolist()]}
-        self.file.write(json.dumps(line) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()

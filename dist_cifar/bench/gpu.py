@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_cifar.bench import (REPO, BenchError, add_data_argument, machine_info, run_child, run_trainer, run_watched,
-                              shown, spread, targets_table)
-from dist_cifar.bench_loops import airbench_version, decoded_cache_config
+from dist_cifar.bench.common import (REPO, BenchError, add_data_argument, machine_info, prepare_cache, run_child,
+                                     run_trainer, run_watched, shown, spread, targets_table)
+from dist_cifar.bench.loops import airbench_version, decoded_cache_config
 
 AIRBENCH = "airbench==0.1.8"
 AIRBENCH_CONFIG = REPO / "configs" / "airbench94.yaml"
@@ -61,7 +61,7 @@ SIZES = {
 
 def check_against_folders(dataset, data: Path) -> None:
     """The decoded cache's classes and labels are the image folder's: sorted class folders, one label per file."""
-    from dist_cifar.data import list_image_folder
+    from dist_cifar.data.sources import list_image_folder
 
     for name in ("train", "test"):
         classes, files = list_image_folder(data / name)
@@ -75,7 +75,7 @@ def write_airbench_data(data: Path, folder: Path, seed: int = 0) -> dict:
     'labels': int64, 'classes'}) from dist_cifar's decoded cache. The training images are written in a
     seeded shuffled order, as CIFAR-10's own files hold them (airbench whitens from the first 5,000),
     with folder/train_order.npy giving each row's index in the image folder's order; test keeps that order."""
-    from dist_cifar.data import load_dataset
+    from dist_cifar.data.sources import load_dataset
 
     dataset = load_dataset(decoded_cache_config(data))
     check_against_folders(dataset, data)
@@ -310,7 +310,6 @@ def write_result(out: Path, machine: dict, settings: dict, runs: list, error: st
 
 
 def measure_and_report(args, work: Path, out: Path, cuda: bool, sizes_name: str) -> int:
-    from dist_cifar.bench import prepare_cache
 
     settings = {"data": str(args.data), "quick": args.quick, "sizes_name": sizes_name, "sizes": args.sizes,
                 "repeats": args.repeats, "device": args.device, "command": sys.argv,

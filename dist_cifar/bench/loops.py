@@ -1,8 +1,8 @@
 """The loops the benchmarks time, each run in a child process of its own: the PyTorch tutorial's loop
 on CIFAR10-style arrays in memory (or on ImageFolder JPEGs), the tutorial's whole script (on the CPU or
 moved to a GPU), the bare model step, and airbench94 from the `airbench` package (imported only by
-that child). `python -m dist_cifar.bench_loops KIND --out FILE ...` runs one and writes its JSON;
-dist_cifar.bench and dist_cifar.bench_gpu start them, watch them and compare them.
+that child). `python -m dist_cifar.bench.loops KIND --out FILE ...` runs one and writes its JSON;
+dist_cifar.bench and dist_cifar.bench.gpu start them, watch them and compare them.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def tutorial_datasets(data: Path, source: str = "cifar10", splits=("train", "tes
 
     if source == "imagefolder":
         return [torchvision.datasets.ImageFolder(str(data / split), transform=tutorial_transform()) for split in splits]
-    from dist_cifar.data import load_dataset
+    from dist_cifar.data.sources import load_dataset
 
     decoded = load_dataset(decoded_cache_config(data))
     dataset_class = __getattr__("TutorialCIFAR10")
@@ -217,7 +217,7 @@ def child_tutorial_epochs(data: Path, epochs: int, source: str = "cifar10", devi
 
 def child_bare_step(steps: int, warmup: int) -> dict:
     """images/s of forward + backward + SGD on one ready batch: the ceiling for this model and batch."""
-    from dist_cifar.runtime import default_threads
+    from dist_cifar.dist.accelerator import default_threads
 
     torch.set_num_threads(default_threads(BATCH))  # the trainer's rule for CPU threads
     torch.manual_seed(0)
@@ -335,7 +335,7 @@ def airbench_version() -> str | None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dist_cifar.bench_loops", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dist_cifar.bench.loops", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", type=Path, required=True)
     common.add_argument("--data", type=Path)

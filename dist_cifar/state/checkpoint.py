@@ -26,15 +26,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from dist_cifar import faults
 from dist_cifar.config import ConfigError, from_dict
+from dist_cifar.errors import CheckpointError
 from dist_cifar.models import build_model
 
 FILES = ("model.safetensors", "state.pt", "meta.json")
 PREFIX = "step-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written, read, or used to resume this run: one line naming the file."""
 
 
 def _sha256(path: Path) -> str:
@@ -124,7 +122,7 @@ def write_checkpoint(checkpoints_dir: Path, step: int, *, model_state: dict, sta
         raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}") from None
     try:
         save_weights(tmp / "model.safetensors", model_state, config, classes)
-        _fault_point(f"during_save:{step}")
+        faults.hit("during_save", step)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         _write_bytes(tmp / "state.pt", buffer.getbuffer())
@@ -143,7 +141,7 @@ def write_checkpoint(checkpoints_dir: Path, step: int, *, model_state: dict, sta
         else:
             os.replace(tmp, final)
         _fsync(checkpoints_dir)
-        _fault_point(f"after_save:{step}")
+        faults.hit("after_save", step)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}") from None
@@ -273,12 +271,6 @@ def remove(folder: Path) -> None:
         os.replace(folder, doomed)
     except OSError:
         return
-    _fault_point(f"during_prune:{folder.name}")
+    faults.hit("during_prune", folder.name)
     shutil.rmtree(doomed, ignore_errors=True)
 
-
-def _fault_point(point: str) -> None:
-    """Test hook: DIST_CIFAR_FAULT=during_save:STEP (half-way through that save), after_save:STEP (right after
-    it) or during_prune:step-0000000N (while deleting that checkpoint) kills this process with SIGKILL."""
-    if os.environ.get("DIST_CIFAR_FAULT") == point:
-        os.kill(os.getpid(), 9)

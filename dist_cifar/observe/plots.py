@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from dist_cifar.data import Split
-from dist_cifar.pipeline import normalize
+from dist_cifar.data.sources import Split
+from dist_cifar.data.batches import normalize
 
 WRONG = "#d62728"  # red: a wrong prediction
 RIGHT = "#2ca02c"  # green: a right one

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from dist_cifar import checkpoint as ckpt
 from dist_cifar.config import RESUME_KEYS, Config, to_dict
-from dist_cifar.runtime import RunError, versions
+from dist_cifar.errors import CheckpointError, RunError
+from dist_cifar.state import checkpoint as ckpt
+from dist_cifar.versions import versions
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Progress:
     train_images: int = 0  # images trained on by all ranks in those seconds
     history: list = field(default_factory=list)  # the metrics.jsonl records so far
     curve: list = field(default_factory=list)  # (step, smoothed train loss) every few steps, for the pictures
+    finished: str | None = None  # why the run ended: epochs | max_steps | target; None while it goes on
 
 
 @dataclass
@@ -57,6 +59,10 @@ class Checkpoint:
     @property
     def world_size(self) -> int:
         return self.meta["world_size"]
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(**self.state["progress"])
 
     @property
     def global_batch_size(self) -> int:
@@ -102,6 +108,36 @@ def find_resume_point(cfg: Config, run_dir: Path, log) -> Checkpoint | None:
     return Checkpoint(folder, *ckpt.read_checkpoint(folder))
 
 
+def finished_reason(found: Checkpoint, cfg: Config) -> str | None:
+    """Why the run that wrote `found` is finished, if it is and stays so under `cfg`; None when there is
+    training left. CheckpointError when `cfg` asks a finished run for more epochs or steps: its learning-rate
+    schedule has ended, so that would not be the run it claims to be."""
+    progress, saved = found.progress, found.meta["config"]["train"]
+    reason = progress.finished
+    if reason is None and progress.micro_step == 0:  # written before runs recorded why they ended
+        if progress.epoch >= saved["epochs"]:
+            reason = "epochs"
+        elif saved.get("max_steps") and progress.step >= saved["max_steps"]:
+            reason = "max_steps"
+    if reason is None:
+        return None
+    holds = {"epochs": progress.epoch >= cfg.train.epochs,
+             "max_steps": bool(cfg.train.max_steps) and progress.step >= cfg.train.max_steps}
+    if reason in holds and not holds[reason]:
+        key = f"train.{reason}"
+        raise CheckpointError(
+            f"the run in {found.folder.parent.parent} finished at epoch {progress.epoch}, step {progress.step}, "
+            f"with {key}={saved.get(reason, 0)}, and its learning-rate schedule ended there: it cannot go on to "
+            f"{key}={getattr(cfg.train, reason)}; train a new run in another output_dir (or keep "
+            f"{key}={saved.get(reason, 0)} to see this one's results)")
+    if reason == "target":
+        reached = progress.history[-1]["test_accuracy"] if progress.history else None
+        target = cfg.train.target_accuracy
+        if not (target and reached is not None and reached >= target):
+            return None  # a higher target (or none): the run goes on exactly where it stopped
+    return reason
+
+
 def check_resumable(found: Checkpoint, cfg: Config, classes: list[str], global_batch_size: int) -> None:
     """Refuse, naming the file and the difference, a checkpoint that cannot continue this run."""
     saved, now = found.meta["config"], to_dict(cfg)
@@ -110,12 +146,12 @@ def check_resumable(found: Checkpoint, cfg: Config, classes: list[str], global_b
         for part in key.split("."):
             a, b = a.get(part) if isinstance(a, dict) else None, b[part]
         if a != b:
-            raise ckpt.CheckpointError(f"cannot resume from {found.folder}: {key} was {a!r}, now {b!r}")
+            raise CheckpointError(f"cannot resume from {found.folder}: {key} was {a!r}, now {b!r}")
     if found.meta["classes"] != classes:
-        raise ckpt.CheckpointError(f"cannot resume from {found.folder}: it was trained on classes "
+        raise CheckpointError(f"cannot resume from {found.folder}: it was trained on classes "
                                    f"{found.meta['classes']}, the data has {classes}")
     if found.global_batch_size != global_batch_size:
-        raise ckpt.CheckpointError(
+        raise CheckpointError(
             f"cannot resume from {found.folder}: its optimizer steps were {found.global_batch_size} images, now "
             f"{global_batch_size} (train.per_device_batch_size x processes x train.grad_accum_steps); to continue "
             f"it on any number of processes, set train.global_batch_size={found.global_batch_size} "
@@ -143,12 +179,12 @@ def save_checkpoint(accelerator, train: TrainState, cfg: Config, classes: list[s
             ckpt.write_checkpoint(folder, progress.step, model_state=train.net.state_dict(), state=state, meta=meta,
                                   config=to_dict(cfg), classes=classes)
             ckpt.prune(folder, cfg.checkpoint.keep_last)
-        except ckpt.CheckpointError as err:
+        except CheckpointError as err:
             previous = ckpt.find_latest(folder, warn=lambda m: None)
             error = f"{err}; the previous checkpoint {'is ' + str(previous) if previous else 'does not exist'}"
     error = broadcast_object_list([error])[0]
     if error:
-        raise ckpt.CheckpointError(error)
+        raise CheckpointError(error)
 
 
 def restore(found: Checkpoint, train: TrainState, accelerator, cfg: Config) -> tuple[float, int, str]:
@@ -161,7 +197,7 @@ def restore(found: Checkpoint, train: TrainState, accelerator, cfg: Config) -> t
     try:
         train.net.load_state_dict(found.model_state)
     except RuntimeError as err:
-        raise ckpt.CheckpointError(f"{found.folder} does not fit this model ({cfg.model.name}): "
+        raise CheckpointError(f"{found.folder} does not fit this model ({cfg.model.name}): "
                                    f"{str(err).splitlines()[0]}") from None
     state = found.state
     ckpt.load_optimizer_state(train.optimizer, state["optimizer"], found.folder)
@@ -169,7 +205,8 @@ def restore(found: Checkpoint, train: TrainState, accelerator, cfg: Config) -> t
     if train.scaler is not None and state.get("scaler"):
         train.scaler.load_state_dict(state["scaler"])
     train.average.load_state_dict(state.get("average"))
-    progress = Progress(**state["progress"])
+    progress = found.progress
+    progress.finished = finished_reason(found, cfg)
     old_k = found.meta.get("grad_accum_steps", found.meta["config"]["train"]["grad_accum_steps"])
     progress.micro_step = progress.micro_step // old_k * train.grad_accum_steps
     train.progress.__dict__.update(vars(progress))

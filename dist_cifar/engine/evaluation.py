@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dist_cifar.data import Split
-from dist_cifar.pipeline import eval_batches
+from dist_cifar.data.batches import eval_batches
+from dist_cifar.data.sources import Split
 
 
 def predict_logits(model, x: torch.Tensor, tta_level: int = 0) -> torch.Tensor:
@@ -72,3 +72,13 @@ def per_class_table(summary: dict) -> str:
     lines.append(f"Accuracy of the network on the {summary['num_eval_samples']} test images: "
                  f"{100 * summary['accuracy']:.2f} %")
     return "\n".join(lines)
+
+
+def evaluate_now(run) -> dict:
+    """(all ranks) Exact accuracy of a training run on its test split, with the averaged weights when EMA is on."""
+    cfg = run.cfg
+    with run.state.average.evaluation_weights():
+        cm = confusion_matrix(run.state.net, run.data.test, len(run.data.classes), accelerator=run.accelerator,
+                              batch_size=cfg.train.eval_batch_size, mean=cfg.data.mean, std=cfg.data.std,
+                              tta_level=cfg.train.tta_level, channels_last=cfg.model.channels_last)
+    return summarize(cm, run.data.classes)

@@ -1,4 +1,4 @@
-"""Two speed fixes for Accelerate 1.15, applied once when dist_cifar.runtime is imported.
+"""Two speed fixes for Accelerate (checked up to 1.15), applied by the function that builds the Accelerator.
 
 - `AcceleratedOptimizer.step()` calls `is_lomo_available()` twice on every step, and each call searches
   the import path for the `lomo_optim` package (importlib.util.find_spec): 0.15-0.3 ms a call on one CPU,
@@ -15,8 +15,11 @@ tests/unit/test_accelerate_patch.py fails when Accelerate no longer does either:
 import functools
 import sys
 
+import accelerate
 import accelerate.accelerator
 import accelerate.optimizer
+
+NEWEST_CHECKED = (1, 15)  # raise after checking a newer Accelerate with tests/unit/test_accelerate_patch.py
 
 _DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
 
@@ -32,11 +35,20 @@ def _dtensor_check(original):
     return model_has_dtensor
 
 
-def apply() -> None:
-    """Idempotent: replaces the names Accelerate's optimizer and accelerator modules call."""
+def accelerate_version() -> tuple[int, int]:
+    major, minor = accelerate.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def apply_accelerate_workarounds() -> bool:
+    """Replace the two names Accelerate's optimizer and accelerator modules call, on the Accelerate
+    releases checked to need it; idempotent. True when they are in place."""
+    if accelerate_version() > NEWEST_CHECKED:
+        return False
     check = accelerate.optimizer.is_lomo_available
     if not hasattr(check, "cache_info"):
         accelerate.optimizer.is_lomo_available = functools.cache(check)
     dtensor = getattr(accelerate.accelerator, "model_has_dtensor", None)
     if dtensor is not None and not hasattr(dtensor, "dist_cifar_patch"):
         accelerate.accelerator.model_has_dtensor = _dtensor_check(dtensor)
+    return True

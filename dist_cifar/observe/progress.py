@@ -141,3 +141,24 @@ class _Silent:
 
     def close(self) -> None:
         pass
+
+
+class StepDisplay:
+    """(only on the main process) The bar's postfix: the mean training loss since the last refresh, the lr
+    and images/s, refreshed at most every `seconds` (reading the loss is a device sync)."""
+
+    def __init__(self, bar, enabled: bool, seconds: float = 2.0, clock=time.perf_counter):
+        self.bar, self.enabled, self.seconds, self.clock = bar, enabled, seconds, clock
+        self.last, self.sums, self.loss_sum, self.seen = clock(), None, 0.0, 0
+
+    def show(self, sums, optimizer, epoch_clock, force: bool = False) -> None:
+        if not self.enabled or not (force or self.clock() - self.last > self.seconds):
+            return
+        self.last = self.clock()
+        if sums is not self.sums:  # a new epoch: measure from its start (a resumed epoch's partial sums)
+            self.sums, (self.loss_sum, self.seen) = sums, sums.start
+        loss_sum, seen = float(sums.loss_sum), sums.seen
+        if seen > self.seen:
+            self.bar.set_postfix(loss=f"{(loss_sum - self.loss_sum) / (seen - self.seen):.3f}",
+                                 lr=f"{optimizer.param_groups[0]['lr']:.3g}", img_s=f"{epoch_clock.rate() or 0:.0f}")
+        self.loss_sum, self.seen = loss_sum, seen

@@ -24,7 +24,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from dist_cifar.config import Config, to_dict
-from dist_cifar.runtime import RunError
+from dist_cifar.errors import RunError
 
 INIT_TIMEOUT_S = 30.0  # longest wait for an online W&B run to start before logging offline instead
 PROBE_TIMEOUT_S = 3.0  # TCP connect to the W&B server, before trying an online run
@@ -32,7 +32,7 @@ RUN_ID_FILE = "dist_cifar-run-id"  # in run_dir/wandb/: a resumed training run c
 
 
 def accelerator_kwargs(cfg: Config) -> dict:
-    """(all ranks) Accelerator(...) arguments for tracking: pass them to runtime.build_accelerator."""
+    """(all ranks) Accelerator(...) arguments for tracking: pass them to dist.accelerator.build_accelerator."""
     return {} if cfg.tracking.wandb.mode == "disabled" else {"log_with": "wandb"}
 
 

@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from dist_cifar.config import DataConfig
+from dist_cifar.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CACHE_VERSION = 1
-
-
-class DataError(RuntimeError):
-    """The dataset is missing or broken: reported as one line naming the path."""
 
 
 @dataclass
