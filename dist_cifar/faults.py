@@ -5,7 +5,7 @@ A test sets DIST_CIFAR_FAULT=POINT:ARG to make the process act at that point:
   during_save:STEP       SIGKILL half-way through writing the checkpoint of step STEP
   after_save:STEP        SIGKILL right after that checkpoint is in place
   during_prune:FOLDER    SIGKILL while deleting checkpoint FOLDER (step-0000000N)
-  nonfinite_at:STEP      the loss of step STEP (1-based) is made NaN on this rank
+  nonfinite_at:STEP      the loss of optimizer step STEP (1-based) is made NaN on the last rank
   slow_rank:RANK:MS      rank RANK sleeps MS milliseconds in every step
 and DIST_CIFAR_LEDGER=DIR makes every rank append the sample indices of each micro-step to
 DIR/rank{R}-pid{PID}.jsonl. The environment is read here and nowhere else, once per process.

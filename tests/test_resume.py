@@ -293,6 +293,7 @@ def test_optimizer_state_that_does_not_fit_is_refused(reference_1p, data_args, t
     parameters another way) is refused before training, not at the first optimizer step."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference_1p, run_dir)
+    (run_dir / "results.json").unlink()  # a finished run with its results written loads no state: not finished
     folder = checkpoint(run_dir, 186)
     state = torch.load(folder / "state.pt", weights_only=True)
     moments = state["optimizer"]["state"]

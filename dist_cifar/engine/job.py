@@ -18,7 +18,7 @@ from dist_cifar.engine.setup import setup
 from dist_cifar.errors import RunError
 from dist_cifar.observe.log import MainLog, NullLog
 from dist_cifar.observe.tracking import accelerator_kwargs
-from dist_cifar.state.resume import find_resume_point, finished_reason
+from dist_cifar.state.resume import check_resumable, find_resume_point, finished_reason
 from dist_cifar.state.rundir import RunLock, check_output_dir
 
 
@@ -53,7 +53,9 @@ def already_done(resumed, cfg: Config, run_dir: Path, accelerator, log) -> bool:
     """(all ranks) True when `resumed` is the last checkpoint of a finished run whose results are written:
     said in one line, nothing rewritten. A finished run killed before its results were written goes on
     to write them; one asked for more epochs or steps is refused (CheckpointError)."""
-    reason = finished_reason(resumed, cfg)
+    reason = finished_reason(resumed, cfg)  # refuses more epochs or steps, saying how
+    # Then the refusals of any resume: a finished run is not "done" for another config.
+    check_resumable(resumed, cfg, resumed.meta["classes"], batch_sizes(cfg.train, accelerator.num_processes)[1])
     written = all((run_dir / f).is_file() for f in ("results.json", "model.safetensors"))
     done = broadcast_object_list([bool(reason) and written if accelerator.is_main_process else None])[0]
     if done:

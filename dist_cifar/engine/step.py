@@ -41,7 +41,8 @@ class TrainStep:
         # fp16's grad scaler skips steps with inf gradients on purpose: only the loss tells divergence there.
         self.watch_norm = cfg.train.stop_on_nonfinite and accelerator.scaler is None
         self.progress = run.progress
-        self.nan_at = faults.step_of("nonfinite_at")  # test hooks: a NaN loss at that step, a slow rank
+        last_rank = accelerator.process_index == accelerator.num_processes - 1
+        self.nan_at = faults.step_of("nonfinite_at") if last_rank else None  # test hooks: a NaN loss, a slow rank
         self.sleep = faults.slow_rank_seconds(accelerator.process_index)
 
     def __call__(self, x, y, sums) -> torch.Tensor:
