@@ -97,3 +97,23 @@ def test_cli_reports_one_line_and_fails_before_any_work(args, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dist_cifar: config error:"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()  # nothing was started
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "dist_cifar/train.py"], [str(Path(sys.executable).parent / "dist-cifar-train")]])
+def test_print_config_shows_every_key_resolved_and_trains_nothing(command, tmp_path):
+    """--print-config: the whole config as YAML (every key, the file and the overrides applied), exit 0,
+    without importing torch or touching a run folder."""
+    proc = subprocess.run([*command, "--print-config", "--config", "configs/tutorial.yaml", "train.epochs=7",
+                           f"output_dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "DIST_CIFAR_DATA"})
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    expected = to_dict(load_config(REPO / "configs" / "tutorial.yaml", ["train.epochs=7", f"output_dir={tmp_path / 'run'}"]))
+    assert printed == expected and printed["train"]["epochs"] == 7
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_with_a_bad_override_is_one_line():
+    proc = subprocess.run([sys.executable, "dist_cifar/train.py", "--print-config", "train.epochz=3"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "train.epochz" in proc.stderr, proc.stderr
