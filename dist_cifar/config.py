@@ -45,6 +45,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     cache_dir: str = ""  # decoded uint8 cache; "" = $DIST_CIFAR_CACHE or ~/.cache/dist_cifar
+    max_image_pixels: int = option(89_478_485, low=1)  # imagefolder: refuse larger images (width x height; PIL's decompression-bomb guard)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -110,6 +111,7 @@ class TrainConfig:
     # stop with an error (exit 1) once a loss, gradient norm or weight is NaN or inf, checked on the device and
     # read where the ranks meet anyway (every preempt.check_every_steps steps, checkpoints, the epoch's end)
     stop_on_nonfinite: bool = True
+    write_predictions: bool = True  # predictions.csv in the run folder: one row per test image (index, path, label, prediction, confidence)
 
 
 @dataclass
@@ -133,6 +135,9 @@ class DistConfig:
     # the main process writing a checkpoint or the final results while the others wait (seconds);
     # loading data gets its own, longer limit (decoding an image folder on one node).
     timeout_seconds: int = option(300, low=5)
+    # At every epoch's end (multi-process runs) the main process names the slowest rank when its busy
+    # seconds per step (training time less time spent waiting for the others) exceed this many times the median.
+    straggler_ratio: float = option(1.3, low=1.0)
 
 
 @dataclass
@@ -148,6 +153,20 @@ class WandbConfig:
 class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     plots: bool = True  # write training curves and confusion matrix pictures at the end
+    tensorboard: bool = False  # TensorBoard event files in run_dir/tensorboard/ (pip install dist_cifar[tensorboard])
+
+
+@dataclass
+class ProfileConfig:
+    # torch.profiler over one window of optimizer steps on every rank: a Chrome trace per rank in
+    # run_dir/profile/ and a summary printed by the main process. Counted from the start (or resume).
+    enabled: bool = False
+    wait_steps: int = option(5, low=0)  # optimizer steps run unprofiled first (start-up, first-touch allocations)
+    warmup_steps: int = option(2, low=0)  # optimizer steps profiled and discarded (the profiler's own start-up)
+    active_steps: int = option(5, low=1)  # optimizer steps recorded into the trace and the summary
+    memory: bool = False  # record tensor allocations and frees (profile_memory): slower steps, a larger trace
+    with_stack: bool = False  # the Python source line of every op: much slower steps, a much larger trace
+    top_ops: int = option(10, low=1)  # operations listed in the summary, by self time
 
 
 @dataclass
@@ -163,6 +182,7 @@ class Config:
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 def fields_with_facts(cls=Config, prefix: str = ""):

@@ -66,11 +66,12 @@ def classify(net, cfg, files: list[str], *, top_k: int, batch_size: int, errors:
     for start in range(0, len(files), batch_size):
         batch, images = [], []
         for f in files[start : start + batch_size]:
-            try:
-                images.append(decode_images([f], size))  # the training decoder: RGB, resized to image_size
+            try:  # the training decoder: RGB, resized to image_size, no larger than data.max_image_pixels
+                images.append(decode_images([f], size, cfg.data.max_image_pixels))
                 batch.append(f)
             except DataError as err:
-                errors.append(f"{f}: not a readable image ({str(err).rsplit(': ', 1)[-1]})")
+                text = str(err)
+                errors.append(text if text.startswith("refused") else f"{f}: not a readable image ({text.rsplit(': ', 1)[-1]})")
         if not batch:
             continue
         x = normalize(torch.from_numpy(np.concatenate(images)).to(device), cfg.data.mean, cfg.data.std)

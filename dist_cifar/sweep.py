@@ -83,8 +83,8 @@ def main(argv=None) -> int:
         started = time.time()
         code = train.main(base + [f"seed={seed}", f"output_dir={out / f'seed-{seed}'}"])
         reset_accelerate()
-        if code:
-            print(f"dist_cifar: error: seed {seed} failed (exit {code})", file=sys.stderr)
+        if code:  # the run has said why on stderr, in its one line
+            print(f"sweep stopped: seed {seed} failed (exit {code}); the runs of the seeds before it are in {out}")
             return code
         result = json.loads((out / f"seed-{seed}" / "results.json").read_text())
         runs.append({"seed": seed, "accuracy": result["accuracy"], "train_seconds": result["train_seconds"],

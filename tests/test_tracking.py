@@ -342,5 +342,59 @@ def _rank_main(run_dir: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
+# ---- TensorBoard (tracking.tensorboard): event files read back with TensorBoard's own reader ----
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of every event file in `folder`, as TensorBoard would show them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_a_two_process_run_writes_its_epoch_metrics_and_per_class_accuracy_to_tensorboard(data_args, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_train(["--config", "configs/smoke.yaml", *data_args, "data.train_subset=400", "train.epochs=2",
+                     "tracking.plots=false", "tracking.tensorboard=true", f"output_dir={run_dir}"],
+                    nprocs=2, launcher="ranks")
+    assert out.returncode == 0, tail(out.stdout)
+    assert out.stdout.count("tensorboard: event files in") == 1  # the main process alone
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((run_dir / "results.json").read_text())
+    for key in ("train_loss", "test_accuracy", "lr", "images_per_second"):
+        assert [(s, round(v, 4)) for s, v in scalars[key]] == [(r["step"], round(r[key], 4)) for r in metrics], key
+    assert scalars["final/test_accuracy"] == [(results["steps"], pytest.approx(results["accuracy"]))]
+    assert {t.split("/")[-1]: v[0][1] for t, v in scalars.items() if t.startswith("final/accuracy/")} == \
+        pytest.approx(results["per_class_accuracy"])
+
+
+def test_a_resumed_tensorboard_run_continues_its_event_folder_without_the_lost_steps(tmp_path):
+    """Two attempts of one run, as after a requeue: the second resumes at step 2 and logs steps 3 and 4 again."""
+    from accelerate import Accelerator
+
+    from dist_cifar.observe.tracking import Tracker
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    data.update(output_dir=str(run_dir), tracking={"tensorboard": True})
+    cfg = from_dict(data)
+    accelerator = Accelerator(cpu=True)
+    first = Tracker(cfg, accelerator, run_dir, RecordingLog(run_dir))
+    for step in (1, 2, 3, 4):
+        first.log({"train_loss": float(step)}, step=step)
+    first.close(exit_code=75)  # stopped after step 4; the newest checkpoint is at step 2
+    time.sleep(1.1)  # event file names carry the second they were opened
+    second = Tracker(cfg, accelerator, run_dir, RecordingLog(run_dir), start_step=2)
+    for step in (3, 4):
+        second.log({"train_loss": 10.0 * step}, step=step)
+    second.close()
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert tensorboard_scalars(run_dir / "tensorboard")["train_loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
 if __name__ == "__main__":
     _rank_main(Path(sys.argv[1]))

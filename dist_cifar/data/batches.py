@@ -201,11 +201,23 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(order[: self.length].tolist())
 
 
+def eval_shard(num_samples: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of the test split that rank r evaluates: a contiguous run of whole batches of the split
+    cut into batches of `batch_size` from its start. The shards cover the split exactly once, in rank
+    order, and differ in length by up to one batch.
+
+    Whole batches of one grid, rather than an even slice per rank: every batch holds the same images
+    whatever the world size, so each image's logits (a forward of the same batch) are the same from 1,
+    2 or 3 processes, and so are the predictions written from them."""
+    batches = -(-num_samples // batch_size)
+    first, last = rank * batches // world_size, (rank + 1) * batches // world_size
+    return min(first * batch_size, num_samples), min(last * batch_size, num_samples)
+
+
 def eval_batches(split: Split, *, batch_size: int, rank: int, world_size: int, mean, std,
                  device: torch.device, channels_last: bool = False):
-    """Rank r's contiguous shard of the test split, in order, no padding: shards cover it exactly once."""
-    n = len(split)
-    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    """(images, labels) of rank r's shard of the test split (eval_shard), in order, no padding."""
+    lo, hi = eval_shard(len(split), batch_size, rank, world_size)
     images, labels = as_tensor(split.images), torch.as_tensor(split.labels)
     normalize = Normalizer(mean, std, device)
     for start in range(lo, hi, batch_size):

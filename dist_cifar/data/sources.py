@@ -24,6 +24,7 @@ CACHE_VERSION = 1
 class Split:
     images: np.ndarray  # N x H x W x 3 uint8 (possibly a read-only memory map shared by all local ranks)
     labels: np.ndarray  # N int64
+    paths: list[str] | None = None  # image folders: each image's file, relative to the data root
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -97,36 +98,62 @@ def to_rgb8(img, path):
     return img.convert("RGB")
 
 
-def _decode(args: tuple[list[str], int]) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+MAX_IMAGE_PIXELS = DataConfig.max_image_pixels  # PIL's own default: above it, PIL warns of a decompression bomb
 
-    paths, size = args
+
+def _decode(args: tuple[list[str], int, int]) -> np.ndarray:
+    """(a decoding worker, or the caller) The images of `paths`, RGB, resized; DataError naming a bad file.
+
+    Image.open reads only the header, so the pixel count is checked before any pixel is decoded: a
+    small file that claims 15,000 x 15,000 pixels (a decompression bomb) costs nothing to refuse. PIL's
+    own check, a warning at its limit and an error at twice it, is replaced by this one line."""
+    from PIL import Image
+
+    paths, size, max_pixels = args
     out = np.empty((len(paths), size, size, 3), np.uint8)
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                img = to_rgb8(img, path)
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(img)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise DataError(f"cannot read image {path}: {err.__class__.__name__}") from None
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        for i, path in enumerate(paths):
+            try:
+                with Image.open(path) as img:
+                    width, height = img.size
+                    if width * height > max_pixels:
+                        raise DataError(
+                            f"refused image {path}: {width:,} x {height:,} = {width * height:,} pixels is more than "
+                            f"data.max_image_pixels={max_pixels} (a guard against decompression bombs; raise it "
+                            f"if your images really are that large)")
+                    img = to_rgb8(img, path)
+                    if img.size != (size, size):
+                        img = img.resize((size, size), Image.BILINEAR)
+                    out[i] = np.asarray(img)
+            except DataError:
+                raise
+            except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, struct.error... for damaged files
+                raise DataError(f"cannot read image {path}: {err.__class__.__name__}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     return out
 
 
-def decode_images(paths: list[str], size: int) -> np.ndarray:
-    """Decode image files into one N x size x size x 3 uint8 array, on all available cores."""
+def decode_images(paths: list[str], size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode image files into one N x size x size x 3 uint8 array, on all available cores; DataError
+    (one line naming the file) for the first file that cannot be read or is larger than `max_pixels`."""
     if not paths:
         return np.empty((0, size, size, 3), np.uint8)
     workers = max(1, min(len(os.sched_getaffinity(0)), 16, len(paths) // 2000))
     chunk = -(-len(paths) // (workers * 4))
-    jobs = [(paths[i : i + chunk], size) for i in range(0, len(paths), chunk)]
+    jobs = [(paths[i : i + chunk], size, max_pixels) for i in range(0, len(paths), chunk)]
     if workers == 1:
         return np.concatenate([_decode(job) for job in jobs])
     from concurrent.futures import ProcessPoolExecutor  # multiprocessing: only when decoding
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(workers) as pool:
-        return np.concatenate(list(pool.map(_decode, jobs)))
+    try:
+        with ProcessPoolExecutor(workers) as pool:
+            return np.concatenate(list(pool.map(_decode, jobs)))  # a worker's DataError is raised here, as it is
+    except BrokenProcessPool:
+        raise DataError(f"an image decoding worker died while decoding {len(paths)} images from "
+                        f"{os.path.dirname(os.path.dirname(paths[0]))} (out of memory?)") from None
 
 
 def _load_cached(folder: Path) -> tuple[Split, Split, list[str]]:
@@ -160,7 +187,8 @@ def load_image_folder(cfg: DataConfig) -> Dataset:
             tmp = Path(tempfile.mkdtemp(prefix=f".imagefolder-{key}-", dir=base))
             try:
                 for name, files in (("train", train_files), ("test", test_files)):
-                    np.save(tmp / f"{name}_images.npy", decode_images([f for f, _ in files], cfg.image_size))
+                    np.save(tmp / f"{name}_images.npy", decode_images([f for f, _ in files], cfg.image_size,
+                                                                      cfg.max_image_pixels))
                     np.save(tmp / f"{name}_labels.npy", np.array([c for _, c in files], np.int64))
                 meta = {"classes": classes, "root": str(root), "image_size": cfg.image_size, "version": CACHE_VERSION}
                 (tmp / "meta.json").write_text(json.dumps(meta))
@@ -168,6 +196,8 @@ def load_image_folder(cfg: DataConfig) -> Dataset:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     train, test, classes = _load_cached(folder)
+    # The listing is the cache's key, in the cache's order: it names each cached image's file.
+    train.paths, test.paths = ([os.path.relpath(f, root) for f, _ in files] for files in (train_files, test_files))
     return Dataset(train, test, classes, f"imagefolder {root} (cache {folder})")
 
 
@@ -199,7 +229,8 @@ def subset(split: Split, n: int, seed: int) -> Split:
     if n > len(split):
         raise DataError(f"data.train_subset={n} is larger than the training set ({len(split)} images)")
     index = np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False))
-    return Split(np.ascontiguousarray(split.images[index]), split.labels[index])
+    paths = None if split.paths is None else [split.paths[i] for i in index]
+    return Split(np.ascontiguousarray(split.images[index]), split.labels[index], paths)
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:

@@ -17,11 +17,14 @@ from dist_cifar.state import checkpoint as ckpt
 from dist_cifar.state.resume import save_checkpoint
 
 
-def end_epoch(run: Run, sums: EpochSums, clock: EpochClock) -> dict | None:
-    """(all ranks) Close the current epoch; returns its evaluation summary, None when none was due."""
+def end_epoch(run: Run, sums: EpochSums, clock: EpochClock, waits=None) -> dict | None:
+    """(all ranks) Close the current epoch; returns its evaluation summary, None when none was due.
+    `waits` (observe/stragglers.py) gathers every rank's busy time per step and names a slow rank."""
     cfg, accelerator, progress = run.cfg, run.accelerator, run.progress
     totals = accelerator.reduce(torch.stack([sums.loss_sum, sums.loss_sum.new_tensor(float(sums.seen))]),
                                 reduction="sum")
+    if waits is not None:
+        run.info["step_times"] = waits.end_epoch(run, clock.seconds)
     train_loss = float(totals[0] / totals[1]) if totals[1] else None
     if cfg.train.stop_on_nonfinite and train_loss is not None and not math.isfinite(train_loss):
         raise diverged(run, f"in epoch {progress.epoch + 1} (by step {progress.step})")
@@ -55,6 +58,7 @@ def epoch_record(run: Run, epoch: int, train_loss, test_accuracy, clock: EpochCl
     return {"epoch": epoch, "step": progress.step, "train_loss": train_loss, "test_accuracy": test_accuracy,
             "lr": run.state.optimizer.param_groups[0]["lr"], "seconds": round(clock.seconds, 3),
             "images_per_second": round(rate, 1) if rate else None,
+            "flops_per_second": round(rate * run.info["flops_per_image"]) if rate and run.info.get("flops_per_image") else None,
             "train_seconds": round(progress.train_seconds, 3), "wall_time": time.time(),
             "elapsed_seconds": round(time.time() - run.started, 3)}
 
@@ -63,6 +67,8 @@ def epoch_line(record: dict) -> str:
     loss = "n/a (no step in this process's part of it)" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
     acc = "" if record["test_accuracy"] is None else f", test accuracy {100 * record['test_accuracy']:.2f} %"
     rate = f", {record['images_per_second']:.0f} images/s" if record["images_per_second"] else ""
+    if record.get("flops_per_second"):
+        rate += f" ({record['flops_per_second'] / 1e9:.2f} GFLOP/s)"
     return f"epoch {record['epoch']}: train loss {loss}{acc}{rate}"
 
 

@@ -13,6 +13,8 @@ from dist_cifar.engine.evaluation import evaluate_now
 from dist_cifar.engine.results import finish
 from dist_cifar.engine.run import Run, checkpoint_due
 from dist_cifar.engine.step import TrainStep
+from dist_cifar.observe.profiler import step_profiler
+from dist_cifar.observe.stragglers import step_times
 from dist_cifar.observe.progress import StepDisplay, progress_bar
 from dist_cifar.state.resume import save_checkpoint
 
@@ -29,31 +31,36 @@ def train_loop(run: Run) -> int:
     display = StepDisplay(bar, enabled=main_process)
     train_step = TrainStep(run)
     ledger = faults.ledger(run.accelerator.process_index)  # None unless a test asked for one
+    profiler, waits = step_profiler(run), step_times(run)  # do-nothing objects when off / on one process
     summary = None
     try:
         # An epoch ends with its bookkeeping even when a resumed run has no step left in it: a checkpoint
         # written at its last step (on a stop signal) still needs its evaluation, record and checkpoint.
         while not progress.finished:
             bar.set_description(f"epoch {progress.epoch + 1}/{run.cfg.train.epochs}")
-            sums, clock = train_epoch(run, train_step, bar, display, preemption, ledger)
-            summary = end_epoch(run, sums, clock) or summary
+            sums, clock = train_epoch(run, train_step, bar, display, preemption, ledger, profiler)
+            summary = end_epoch(run, sums, clock, waits) or summary
+        profiler.close()
         if summary is None:  # resumed a finished run whose results were never written: evaluate again
             PHASE.set("final evaluation")
             summary = evaluate_now(run)
         bar.close()
         finish(run, summary)  # the main process writes; every rank learns how that went
     except BaseException:
+        profiler.close(failed=True)
         run.tracker.close(exit_code=1)  # the W&B run ends as failed, never left open (a no-op when closed)
         raise
     finally:
         bar.close()
         preemption.restore()
+        waits.close()
         if ledger:
             ledger.close()
     return 0
 
 
-def train_epoch(run: Run, train_step: TrainStep, bar, display, preemption, ledger) -> tuple[EpochSums, EpochClock]:
+def train_epoch(run: Run, train_step: TrainStep, bar, display, preemption, ledger,
+                profiler) -> tuple[EpochSums, EpochClock]:
     """(all ranks) The steps left in the current epoch, with the checkpoints and stop checks inside it."""
     cfg, accelerator, plan, progress = run.cfg, run.accelerator, run.plan, run.progress
     epoch, check_every = progress.epoch, cfg.preempt.check_every_steps
@@ -78,6 +85,7 @@ def train_epoch(run: Run, train_step: TrainStep, bar, display, preemption, ledge
         progress.step += 1
         run.state.average.update(progress.step, plan.total_steps)
         bar.update(1)
+        profiler.step()  # (all ranks) the profiling window's step boundary; a no-op when profile.enabled is off
         sums.step_done(progress.step)
         display.show(sums, run.state.optimizer, clock)  # (main process) now and then: a device sync
         if progress.step == sigterm_at:

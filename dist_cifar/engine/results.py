@@ -10,7 +10,7 @@ from accelerate.utils import broadcast_object_list
 from dist_cifar.config import to_dict
 from dist_cifar.dist.failures import PHASE
 from dist_cifar.engine.epoch import check_weights
-from dist_cifar.engine.evaluation import per_class_table
+from dist_cifar.engine.evaluation import per_class_table, predictions_csv
 from dist_cifar.engine.run import Run
 from dist_cifar.errors import CheckpointError, RunError
 from dist_cifar.state import checkpoint as ckpt
@@ -42,9 +42,11 @@ def write_or_explain(run: Run, summary: dict) -> str:
 
 def results_record(run: Run, summary: dict) -> dict:
     """results.json: the evaluation, how the run was launched and split, its clock, target and versions."""
+    from dist_cifar.observe.flops import throughput  # FLOP/s and MFU from the start-up count (no import cost)
+
     cfg, info, progress = run.cfg, run.info, run.progress
     reached = progress.history[-1] if progress.finished == "target" and progress.history else None
-    results = dict(summary)
+    results = {k: v for k, v in summary.items() if k != "predictions"}  # those go to predictions.csv
     results.update(
         world_size=info["world_size"], backend=info["backend"], device=info["device"],
         mixed_precision=info["mixed_precision"], mixed_precision_requested=info["mixed_precision_requested"],
@@ -58,6 +60,9 @@ def results_record(run: Run, summary: dict) -> dict:
         target_reached_at_epoch=reached["epoch"] if reached else None,
         target_reached_elapsed_seconds=reached["elapsed_seconds"] if reached else None,
         target_reached_train_seconds=reached["train_seconds"] if reached else None,
+        **throughput(info.get("flops_per_image"), progress.train_images / progress.train_seconds
+                     if progress.train_seconds else None, info["world_size"], info.get("peak_flops")),
+        step_times=info.get("step_times"),  # per-rank busy seconds per step (observe/stragglers.py); null on 1 process
         versions=versions())
     return results
 
@@ -68,7 +73,10 @@ def write_results(run: Run, summary: dict) -> None:
     pictures = []
     with run.state.average.evaluation_weights():  # the model file and the sample pictures use the averaged weights
         ckpt.save_weights(run.run_dir / "model.safetensors", run.state.net.state_dict(), to_dict(cfg), run.data.classes)
-        run.log.write_json("results.json", results)
+        if summary.get("predictions") is not None:  # train.write_predictions: the same evaluation, per image
+            run.log.write_text("predictions.csv", predictions_csv(summary["predictions"], run.data.classes,
+                                                                  run.data.test.paths))
+        run.log.write_json("results.json", results)  # last: a resume takes results.json for a finished run's
         if cfg.tracking.plots:
             from dist_cifar.observe.plots import sample_predictions, write_run_pictures  # matplotlib: only when drawing
             sample = sample_predictions(run.state.net, run.data.test, run.data.classes, mean=cfg.data.mean,

@@ -16,6 +16,7 @@ from dist_cifar.dist.failures import PHASE, collective_timeout
 from dist_cifar.engine.run import Plan, Run
 from dist_cifar.errors import RunError
 from dist_cifar.models import build_model
+from dist_cifar.observe.flops import describe, flops_per_image, peak_flops
 from dist_cifar.observe.log import MainLog
 from dist_cifar.observe.tracking import Tracker
 from dist_cifar.optim import build_average, build_optimizer, build_scheduler
@@ -37,6 +38,8 @@ def setup(cfg: Config, accelerator, info: dict, run_dir: Path, log: MainLog, res
 
     set_seed(cfg.seed)  # identical initial weights on every rank
     net = build_net(cfg, accelerator, data, log)
+    flops = flops_per_image(net, cfg.data.image_size)  # one image forward on the CPU, before training (ms)
+    info.update(flops_per_image=flops["total"], peak_flops=peak_flops(accelerator.device, info["mixed_precision"]))
     set_seed(cfg.seed + accelerator.process_index)  # anything random from here on differs per rank
     optimizer = build_optimizer(cfg, net, global_batch_size=plan.global_batch)
     scheduler = build_scheduler(cfg, optimizer, plan.total_steps, plan.steps_per_epoch)
@@ -56,7 +59,8 @@ def setup(cfg: Config, accelerator, info: dict, run_dir: Path, log: MainLog, res
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         log.write_text("config.yaml", dump_yaml(cfg))
-    run.tracker = Tracker(cfg, accelerator, run_dir, log)  # does nothing off the main process or when disabled
+    # does nothing off the main process or when disabled; start_step: where a resumed run's records start again
+    run.tracker = Tracker(cfg, accelerator, run_dir, log, start_step=state.progress.step)
     world = plan.world
     log.print(f"dist_cifar: world size {world}, backend {info['backend']}, device {info['device']}, "
               f"precision {info['mixed_precision']}, {info['threads_per_process']} threads/process")
@@ -65,6 +69,7 @@ def setup(cfg: Config, accelerator, info: dict, run_dir: Path, log: MainLog, res
     log.print(f"model: {cfg.model.name}, {sum(p.numel() for p in net.parameters()):,} parameters; "
               f"{plan.total_steps} optimizer steps of {plan.global_batch} images ({plan.batch} x {world} "
               f"process{'es' if world != 1 else ''} x {plan.accum}); run folder {run_dir}")
+    log.print(f"model: {describe(flops)}" + (f"; peak {info['peak_flops'][1]}" if info["peak_flops"] else ""))
     return run
 
 

@@ -1,4 +1,5 @@
-"""Experiment tracking: one Weights & Biases run per training run, through Accelerate's tracker API.
+"""Experiment tracking through Accelerate's tracker API: one Weights & Biases run per training run, and
+TensorBoard event files in run_dir/tensorboard/ (tracking.tensorboard; no account, `tensorboard --logdir`).
 
 Every rank builds a `Tracker`; only the main process talks to W&B, the others hold a tracker that
 does nothing. Mode `online` never blocks on a login prompt or a dead network: without an API key,
@@ -9,10 +10,15 @@ A training run stopped and resumed (a SLURM requeue) is one W&B run: the id is k
 folder, and a step some earlier attempt already gave W&B is not logged again. A resumed run repeats
 the steps after its checkpoint; W&B keeps every record of an offline run and `wandb sync` uploads
 each attempt in turn, so without this the synced history would hold those steps twice.
+
+TensorBoard keeps one event folder per training run as well: each attempt adds an event file to it, and
+a resumed attempt starts its file with purge_step (its checkpoint's step + 1), so TensorBoard's reader
+drops what an earlier attempt logged after that checkpoint (lost work, logged again).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import netrc
 import os
 import secrets
@@ -29,6 +35,7 @@ from dist_cifar.errors import RunError
 INIT_TIMEOUT_S = 30.0  # longest wait for an online W&B run to start before logging offline instead
 PROBE_TIMEOUT_S = 3.0  # TCP connect to the W&B server, before trying an online run
 RUN_ID_FILE = "dist_cifar-run-id"  # in run_dir/wandb/: a resumed training run continues the same W&B run
+TENSORBOARD_DIR = "tensorboard"  # in run_dir: the event folder of every attempt of the run
 
 
 def accelerator_kwargs(cfg: Config) -> dict:
@@ -112,11 +119,34 @@ def _last_logged_step(run_dir: Path, run_id: str) -> int:
     return last
 
 
-class Tracker:
-    """(all ranks) Sends the resolved config, per-epoch metrics and final results to W&B (main process only)."""
+def _tensorboard(run_dir: Path, cfg: Config, start_step: int):
+    """(only on the main process) Accelerate's TensorBoard tracker on run_dir/tensorboard/, the config as text."""
+    import yaml
+    from accelerate.tracking import TensorBoardTracker
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path, log):
+    tracker = TensorBoardTracker(TENSORBOARD_DIR, str(run_dir), purge_step=start_step + 1 if start_step else None)
+    tracker.start()
+    # add_hparams (Accelerate's store_init_configuration) wants a flat dict and writes a run folder of its own
+    tracker.writer.add_text("config", "    " + yaml.safe_dump(to_dict(cfg), sort_keys=False).replace("\n", "\n    "),
+                            global_step=start_step)
+    return tracker
+
+
+class Tracker:
+    """(all ranks) Sends the resolved config, per-epoch metrics and final results to W&B and TensorBoard
+    (main process only). `start_step`: the step the run starts or resumes from."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path, log, start_step: int = 0):
         self.accelerator, self._log = accelerator, log
+        self.tensorboard = None  # Accelerate's TensorBoardTracker, on the main process with tracking.tensorboard
+        if cfg.tracking.tensorboard:
+            if importlib.util.find_spec("tensorboard") is None:  # (all ranks) every rank stops, none waits
+                raise RunError("tracking.tensorboard=true needs the tensorboard package: "
+                               "pip install 'dist_cifar[tensorboard]' (or pip install tensorboard)")
+            if accelerator.is_main_process:
+                self.tensorboard = _tensorboard(Path(run_dir), cfg, start_step)
+                log.print(f"tensorboard: event files in {Path(run_dir) / TENSORBOARD_DIR} "
+                          f"(tensorboard --logdir {Path(run_dir) / TENSORBOARD_DIR})")
         self.run = None  # the wandb Run, on the main process of a tracked run
         self.offline_dir: Path | None = None  # the offline run folder, for `wandb sync`
         self.earlier_step = -1  # the highest step earlier attempts gave this W&B run: not logged again
@@ -182,14 +212,20 @@ class Tracker:
 
     def log(self, metrics: dict, step: int) -> None:
         """(all ranks; main process logs) One record of numbers at optimizer step `step`; None values are left out."""
+        values = {k: v for k, v in metrics.items() if v is not None}
+        if self.tensorboard is not None:  # its purge_step already dropped what an earlier attempt logged after here
+            self.tensorboard.log(values, step=step)
         if self.run is None or step <= self.earlier_step:
             return  # an earlier attempt logged this step: a resumed run repeats the work after its checkpoint
-        self.accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+        self.accelerator.log(values, step=step)  # the W&B tracker only: TensorBoard is not among accelerator.trackers
         self.last_step = max(step, self.last_step or 0)
 
     def finish(self, results: dict, pictures: list[Path] = ()) -> None:
         """(all ranks; main process logs) Final accuracy, per-class table, confusion matrix, pictures; ends the run."""
+        if self.tensorboard is not None:
+            self._finish_tensorboard(results, pictures)
         if self.run is None:
+            self.close()
             return
         import wandb
 
@@ -214,8 +250,27 @@ class Tracker:
                                  **{f"final/accuracy/{k}": v for k, v in results["per_class_accuracy"].items()}})
         self.close()
 
+    def _finish_tensorboard(self, results: dict, pictures) -> None:
+        """(only on the main process) The final accuracy, per class too, and the pictures, at the run's last step."""
+        import numpy as np
+        from PIL import Image
+
+        step = results.get("steps") or 0
+        cm = results["confusion_matrix"]
+        self.tensorboard.log({"final/test_accuracy": results["accuracy"],
+                              **{f"final/accuracy/{k}": v for k, v in results["per_class_accuracy"].items()}}, step=step)
+        table = "| true \\ predicted | " + " | ".join(results["classes"]) + " |\n|" + " --- |" * (len(cm) + 1) + "\n"
+        table += "".join(f"| {name} | " + " | ".join(map(str, row)) + " |\n" for name, row in zip(results["classes"], cm))
+        self.tensorboard.writer.add_text("final/confusion_matrix", table, global_step=step)
+        images = {f"pictures/{Path(p).stem}": np.asarray(Image.open(p).convert("RGB")) for p in pictures}
+        if images:
+            self.tensorboard.log_images(images, step=step, dataformats="HWC")
+
     def close(self, exit_code: int = 0) -> None:
         """(all ranks) End the W&B run; a non-zero exit_code (failure, preemption) marks it as not finished cleanly."""
+        if self.tensorboard is not None:
+            tensorboard, self.tensorboard = self.tensorboard, None
+            tensorboard.finish()  # flushes and closes the event file
         if self.run is None:
             return
         run, self.run = self.run, None

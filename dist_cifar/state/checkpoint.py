@@ -69,22 +69,46 @@ def save_weights(path: Path, state_dict: dict, config: dict, classes: list[str])
     _write_bytes(path, safetensors_bytes(tensors, metadata=model_metadata(config, classes)))
 
 
-def load_weights(path: str | os.PathLike) -> tuple[dict, dict, list[str]]:
-    """(state_dict, config dict, class names) from a model.safetensors file or a checkpoint folder."""
+def load_weights(path: str | os.PathLike, *, check_manifest: bool = True) -> tuple[dict, dict, list[str]]:
+    """(state_dict, config dict, class names) from a model.safetensors file or a checkpoint folder: the one
+    reader of model files (evaluate, predict, resume, the sweep's runs). A file inside a checkpoint folder
+    is first checked against the folder's MANIFEST.json. Every failure (missing, unreadable, damaged,
+    foreign, without dist_cifar's metadata) is a CheckpointError of one line naming the file."""
     path = Path(path)
     if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise CheckpointError(f"no model weights in the folder {path} (expected {path / 'model.safetensors'}: "
+                                  f"give a run folder, a checkpoint folder or a model.safetensors file)")
         path = path / "model.safetensors"
     if not path.is_file():
-        raise CheckpointError(f"no model weights at {path}")
+        raise CheckpointError(f"no model weights at {path}" + ("" if path.exists() else " (no such file)"))
+    if check_manifest and (path.parent / "MANIFEST.json").is_file():
+        problem = manifest_problem(path.parent, path.name)
+        if problem:
+            raise CheckpointError(f"cannot use model weights {path}: {problem}")
     try:
+        with open(path, "rb"):  # safetensors calls a permission error "No such file or directory"
+            pass
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
+    except OSError as err:
+        raise CheckpointError(f"cannot read model weights {path}: {err.strerror or _first_line(err)}") from None
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointError(f"cannot read model weights {path}: {_first_line(err)}") from None
+        raise CheckpointError(f"cannot read model weights {path}: not a readable safetensors file "
+                              f"({_first_line(err)})") from None
     if meta.get("format") != "dist_cifar":
         raise CheckpointError(f"{path} is not a dist_cifar model file (no config and class names in it)")
-    return state, json.loads(meta["config"]), json.loads(meta["classes"])
+    try:
+        config, classes = json.loads(meta["config"]), json.loads(meta["classes"])
+    except (KeyError, ValueError) as err:  # ValueError: json.JSONDecodeError
+        raise CheckpointError(f"{path} is damaged: its saved config or class names do not parse "
+                              f"({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(config, dict) or not isinstance(classes, list) or not classes \
+            or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path} is damaged: its saved config is not a mapping or its class names not a "
+                              f"list of names")
+    return state, config, classes
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -96,7 +120,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         cfg = from_dict(saved)
     except ConfigError as err:
         raise CheckpointError(f"the config saved in {path} is not valid here: {_first_line(err)}") from None
-    net = build_model(cfg.model, len(classes), cfg.data.image_size)
+    except Exception as err:  # a config of the wrong shape (a list where a section should be, ...)
+        raise CheckpointError(f"the config saved in {path} is damaged: {type(err).__name__}: {_first_line(err)}") from None
+    try:
+        net = build_model(cfg.model, len(classes), cfg.data.image_size)
+    except Exception as err:
+        raise CheckpointError(f"the model saved in {path} cannot be built: {type(err).__name__}: {_first_line(err)}") from None
     try:
         net.load_state_dict(state)
     except RuntimeError as err:  # names the first missing, unexpected or mis-shaped tensor
@@ -153,22 +182,38 @@ def write_checkpoint(checkpoints_dir: Path, step: int, *, model_state: dict, sta
 
 def verify(folder: Path) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong with it."""
-    manifest_path = folder / "MANIFEST.json"
-    if not manifest_path.is_file():
+    if not (folder / "MANIFEST.json").is_file():
         return "no MANIFEST.json (incomplete)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "MANIFEST.json unreadable"
     for name in FILES:
+        problem = manifest_problem(folder, name)
+        if problem:
+            return problem
+    return None
+
+
+def manifest_problem(folder: Path, name: str) -> str | None:
+    """None if folder/name has the size and sha256 that folder/MANIFEST.json records, else what differs."""
+    try:
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
         entry = manifest.get(name)
-        path = folder / name
-        if entry is None or not path.is_file():
-            return f"{name} missing"
-        if path.stat().st_size != entry["bytes"]:
-            return f"{name} is {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if _sha256(path) != entry["sha256"]:
+        if entry is None:
+            return f"{name} is not in MANIFEST.json"
+        expected_bytes, expected_sha = int(entry["bytes"]), str(entry["sha256"])
+    except OSError as err:
+        return f"MANIFEST.json unreadable ({err.strerror or type(err).__name__})"
+    except (ValueError, AttributeError, KeyError, TypeError):  # not JSON, or not the manifest's shape
+        return "MANIFEST.json unreadable (damaged)"
+    path = folder / name
+    if not path.is_file():
+        return f"{name} missing"
+    try:
+        size = path.stat().st_size
+        if size != expected_bytes:
+            return f"{name} is {size} bytes, the manifest says {expected_bytes}"
+        if _sha256(path) != expected_sha:
             return f"{name} checksum differs from the manifest (corrupt)"
+    except OSError as err:
+        return f"{name} unreadable ({err.strerror or type(err).__name__})"
     return None
 
 
@@ -198,7 +243,7 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     problem = verify(folder)
     if problem:
         raise CheckpointError(f"checkpoint {folder} is unusable: {problem}")
-    model_state, _, _ = load_weights(folder / "model.safetensors")
+    model_state, _, _ = load_weights(folder / "model.safetensors", check_manifest=False)  # verified just now
     state = load_state(folder / "state.pt")
     meta = json.loads((folder / "meta.json").read_text())
     return model_state, state, meta

@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from dist_cifar.data.batches import eval_shard
 from dist_cifar.data.sources import Split
-from dist_cifar.engine.evaluation import confusion_matrix, per_class_table, predict_logits, summarize
+from dist_cifar.engine.evaluation import (Predictions, confusion_matrix, evaluate, per_class_table, predict_logits,
+                                          predictions_csv, summarize)
 
 
 class PixelWeights(nn.Module):
@@ -92,3 +94,46 @@ def test_summary_of_an_empty_class_and_the_table():
     table = per_class_table(summary)
     assert "Accuracy for class: cat is 75.0 %" in table
     assert table.splitlines()[-1] == "Accuracy of the network on the 4 test images: 75.00 %"
+
+
+@pytest.mark.parametrize("n", [1, 7, 10, 499, 10000])
+@pytest.mark.parametrize("batch", [1, 3, 33, 500, 20000])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_eval_shards_are_whole_batches_of_one_grid(n, batch, world):
+    """Contiguous, in rank order, covering the split once; cut on the same batch grid for every world size
+    (so every batch, and each image's logits, is the same from any number of processes); balanced to a batch."""
+    shards = [eval_shard(n, batch, r, world) for r in range(world)]
+    assert shards[0][0] == 0 and shards[-1][1] == n
+    assert all(shards[r][1] == shards[r + 1][0] for r in range(world - 1))
+    assert all(lo % batch == 0 and (hi % batch == 0 or hi == n) for lo, hi in shards)
+    sizes = [hi - lo for lo, hi in shards]
+    assert max(sizes) - min(sizes) <= batch
+
+
+def test_predictions_of_one_pass_match_its_confusion_counts(accelerator):
+    red = [0, 0, 20, 40, 40, 20, 0]
+    labels = [0, 1, 1, 2, 0, 1, 2]
+    images = np.zeros((7, 4, 4, 3), np.uint8)
+    images[:, :, :, 0] = np.array(red, np.uint8)[:, None, None]
+    split = Split(images, np.array(labels, np.int64))
+    cm, predictions = evaluate(TopLeftPixel(), split, 3, accelerator=accelerator, batch_size=3, mean=[0.0] * 3,
+                               std=[1.0] * 3, top_k=2)
+    assert predictions.labels.tolist() == labels
+    assert predictions.top_classes[:, 0].tolist() == [0, 0, 1, 2, 2, 1, 0]
+    assert predictions.accuracy == pytest.approx(4 / 7) == summarize(cm, ["a", "b", "c"])["accuracy"]
+    p_top = float(torch.tensor([5.0, 0, 0]).softmax(0)[0])
+    assert predictions.top_probs[:, 0].tolist() == pytest.approx([p_top] * 7)
+    assert evaluate(TopLeftPixel(), split, 3, accelerator=accelerator, batch_size=3, mean=[0.0] * 3,
+                    std=[1.0] * 3)[1] is None  # top_k=0: the counts alone
+
+
+def test_predictions_csv_quotes_names_and_fixes_the_digits():
+    predictions = Predictions(labels=torch.tensor([1, 0]), top_classes=torch.tensor([[1, 0], [1, 0]]),
+                              top_probs=torch.tensor([[0.75, 0.25], [0.5000004, 0.4999996]]))
+    classes = ["cat", "dog, big"]
+    text = predictions_csv(predictions, classes, ["test/dog, big/a.png", "test/cat/b.png"], top_k=2)
+    assert text.splitlines() == [
+        "index,path,label,prediction,confidence,top1_class,top1_probability,top2_class,top2_probability",
+        '0,"test/dog, big/a.png","dog, big","dog, big",0.750000,"dog, big",0.750000,cat,0.250000',
+        '1,test/cat/b.png,cat,"dog, big",0.500000,"dog, big",0.500000,cat,0.500000']
+    assert predictions_csv(predictions, classes, None).splitlines()[1] == '0,,"dog, big","dog, big",0.750000'
