@@ -18,7 +18,9 @@
 # `up`/`down` find the leftovers of a killed run in the same DIR. The bridge gets a free 10.x.y.0/24
 # (.1 = this machine, .11, .12, ... = the nodes); there is no route out of it. Each slurmd runs in a
 # mount namespace whose /etc/hosts (DIR/hosts) names the nodes, so jobs resolve node names as on a
-# real cluster. munged is shared: its socket is a file, reachable from every namespace.
+# real cluster. Each cluster runs a munged of its own on a socket named from the same hash
+# (/run/munge/dcifar-<id>.socket, named in slurm.conf's AuthInfo; a socket is a file, reachable from
+# every namespace), so one cluster's `down` never stops the munged another cluster uses.
 #
 # Any command that fails stops `up` with a line naming it (the ERR trap below), and `up` then stops
 # what it started. Under pipefail a pipeline whose grep finds nothing fails, so counts and queries
@@ -61,12 +63,14 @@ BRIDGE=dcbr$ID
 VETH_PREFIX=dcv${ID}n
 NODE_PREFIX=dc${ID}n
 NET_LOCK=/run/lock/dist-cifar-test-cluster.lock
+MUNGE_SOCKET=/run/munge/dcifar-$ID.socket
+MUNGE_LOG=/var/log/munge/dcifar-$ID.log
 
 log() { echo "[cluster.sh] $*" >&2; }
 
 dump_logs() {
     local f
-    for f in "$DIR"/log/*.log /var/log/munge/munged.log; do
+    for f in "$DIR"/log/*.log "$MUNGE_LOG"; do
         [[ -f $f ]] || continue
         echo "----- $f (last 40 lines) -----" >&2
         tail -n 40 "$f" >&2 || true
@@ -107,13 +111,11 @@ free_port() {  # first port >= $1 that nothing listens on
 
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-munge_works() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+munge_works() { munge -S "$MUNGE_SOCKET" -n </dev/null 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; }
 
-start_munge() {
-    if munge_works; then
-        log "munged already running; reusing it (down will leave it alone)"
-        return 0
-    fi
+start_munge() {  # this cluster's own munged on $MUNGE_SOCKET (the key is the machine's, shared)
+    if alive "$DIR/pid/munged.pid" && munge_works; then return 0; fi
+    stop_pidfile "$DIR/pid/munged.pid"
     if [[ ! -s /etc/munge/munge.key ]]; then
         log "creating /etc/munge/munge.key"
         mkdir -p /etc/munge
@@ -129,11 +131,12 @@ start_munge() {
     mkdir -p /run/munge /var/lib/munge /var/log/munge
     chown munge:munge /run/munge /var/lib/munge /var/log/munge
     chmod 0755 /run/munge
-    rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock  # stale, nothing answers
+    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"  # stale, nothing answers
     # setpriv execs in place (no fork), so $! is munged's own pid.
     STARTED=1
-    setpriv --reuid munge --regid munge --init-groups munged --foreground \
-        >>"$DIR/log/munged.out" 2>&1 </dev/null &
+    setpriv --reuid munge --regid munge --init-groups munged --foreground --socket="$MUNGE_SOCKET" \
+        --pid-file="/run/munge/dcifar-$ID.pid" --seed-file="/var/lib/munge/dcifar-$ID.seed" \
+        --log-file="$MUNGE_LOG" >>"$DIR/log/munged.out" 2>&1 </dev/null &
     echo $! >"$DIR/pid/munged.pid"
     local i
     for i in $(seq 50); do
@@ -171,7 +174,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # A requeued job may restart only once the old job credential expires (default 120 s).
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=10,socket=$MUNGE_SOCKET
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$spool
 MailProg=/bin/true
@@ -229,15 +232,25 @@ cmd_up() {
     fi
     install_packages
     start_munge
+    # Choosing two free ports and taking them is one step for concurrent `up`s (of any size).
+    local lockfd i
+    exec {lockfd}>"$NET_LOCK"
+    flock -w 120 "$lockfd" || die "another cluster.sh up holds $NET_LOCK for over 120 s"
     write_conf
     export SLURM_CONF=$DIR/slurm.conf
     # -D keeps them in the foreground so $! is the daemon itself; setsid detaches them from
     # the caller's process group. -i ignores stale state from an earlier run in DIR.
     STARTED=1
-    setsid slurmctld -D -i -f "$SLURM_CONF" >>"$DIR/log/slurmctld.out" 2>&1 </dev/null &
+    setsid slurmctld -D -i -f "$SLURM_CONF" >>"$DIR/log/slurmctld.out" 2>&1 </dev/null {lockfd}>&- &
     echo $! >"$DIR/pid/slurmctld.pid"
-    setsid slurmd -D -f "$SLURM_CONF" -N "$(hostname -s)" >>"$DIR/log/slurmd.out" 2>&1 </dev/null &
+    setsid slurmd -D -f "$SLURM_CONF" -N "$(hostname -s)" >>"$DIR/log/slurmd.out" 2>&1 </dev/null {lockfd}>&- &
     echo $! >"$DIR/pid/slurmd.pid"
+    for i in $(seq 100); do
+        port_in_use "$(sed -n 's/^SlurmctldPort=//p' "$SLURM_CONF")" \
+            && port_in_use "$(sed -n 's/^SlurmdPort=//p' "$SLURM_CONF")" && break
+        sleep 0.1
+    done
+    exec {lockfd}>&-
 
     local deadline=$((SECONDS + UP_TIMEOUT_S)) state=""
     while ((SECONDS < deadline)); do
@@ -467,24 +480,6 @@ stop_pidfile() {  # TERM, then KILL after 10 s; only the pid we recorded
     rm -f "$f"
 }
 
-# munged serves every cluster on this machine (`up` reuses a running one). If another cluster
-# started by this script is still up, its `down` becomes the one to stop munged: moving the pid file
-# there keeps this `down` from pulling munged from under that cluster.
-hand_over_munged() {
-    local pid conf other
-    alive "$DIR/pid/munged.pid" || return 1
-    for pid in $(pgrep -x slurmctld || true); do
-        conf=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -x -A1 -- -f | tail -n1) || continue
-        other=$(dirname "$conf")
-        [[ $other != "$DIR" && ! -e $other/pid/munged.pid && $(cat "$other/pid/slurmctld.pid" 2>/dev/null) == "$pid" ]] \
-            || continue
-        mv "$DIR/pid/munged.pid" "$other/pid/munged.pid" || continue
-        log "munged (pid $(cat "$other/pid/munged.pid")) also serves the cluster in $other: left running for its down"
-        return 0
-    done
-    return 1
-}
-
 cmd_down() {
     if [[ -f $DIR/slurm.conf ]] && alive "$DIR/pid/slurmctld.pid"; then
         # Jobs still running would leave orphaned slurmstepd/task processes behind.
@@ -497,7 +492,6 @@ cmd_down() {
         done
     fi
     local f
-    hand_over_munged || true
     stop_pidfile "$DIR/pid/slurmd.pid"
     # Several nodes: each daemon takes a second or two to stop, so TERM them all at once.
     if compgen -G "$DIR/pid/slurmd-*.pid" >/dev/null; then
@@ -508,6 +502,7 @@ cmd_down() {
     for f in "$DIR"/pid/slurmd-*.pid; do stop_pidfile "$f"; done
     stop_pidfile "$DIR/pid/slurmctld.pid"
     stop_pidfile "$DIR/pid/munged.pid"
+    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock" "/run/munge/dcifar-$ID.pid" "/var/lib/munge/dcifar-$ID.seed" "$MUNGE_LOG"
     if network_exists; then
         teardown_network
         log "stopped daemons started in $DIR, removed its network namespaces and links"
