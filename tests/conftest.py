@@ -45,13 +45,14 @@ _LOG_ROOT: Path | None = None  # the jobs' output files: under pytest's session 
 
 # Under pytest-xdist (tests/run.sh starts two workers) each test file is one unit of work, handed to
 # whichever worker is free, longest first so the two end together: FILE_SECONDS are each file's
-# seconds in a two-worker run (the 2-core dev machine, 2026-11-29; only their order matters). So a
+# seconds in a two-worker run (the 2-core dev machine, 2026-11-29 and -12-02; only their order matters). So a
 # file's module fixtures (reference runs) are built once, and the two SLURM files are one unit: the
 # test clusters live in one worker. Unit tests are handed out one by one, last.
-FILE_SECONDS = {"test_slurm": 158, "test_slurm_multinode": 135, "test_never_lose_work": 212, "test_bench": 155,
-                "test_distributed": 148, "test_commands": 84, "test_features": 69, "test_resume": 50,
-                "test_elastic": 39, "test_startup": 30, "test_tracking": 35, "test_config": 16, "test_prefork": 13, "test_plots": 11,
-                "test_logs": 8, "test_readme": 1}
+FILE_SECONDS = {"test_slurm": 158, "test_slurm_multinode": 320, "test_never_lose_work": 200, "test_bench": 155,
+                "test_distributed": 148, "test_commands": 84, "test_features": 69, "test_end_states": 70,
+                "test_observe": 60, "test_resume": 50, "test_damaged_files": 40, "test_elastic": 39,
+                "test_predictions": 30, "test_startup": 30, "test_tracking": 45, "test_config": 16, "test_prefork": 13,
+                "test_plots": 11, "test_logs": 8, "test_readme": 1}
 UNITS = {"test_slurm": "slurm", "test_slurm_multinode": "slurm"}
 
 
