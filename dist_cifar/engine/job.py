@@ -10,10 +10,10 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from dist_cifar.config import Config, batch_sizes
+from dist_cifar.config import Config
 from dist_cifar.dist.accelerator import build_accelerator
 from dist_cifar.engine.loop import train_loop
-from dist_cifar.engine.run import FINISHED_BECAUSE
+from dist_cifar.engine.run import FINISHED_BECAUSE, batch_sizes
 from dist_cifar.engine.setup import setup
 from dist_cifar.errors import RunError
 from dist_cifar.observe.log import MainLog, NullLog

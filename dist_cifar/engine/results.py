@@ -79,9 +79,11 @@ def write_results(run: Run, summary: dict) -> None:
         run.log.write_json("results.json", results)  # last: a resume takes results.json for a finished run's
         if cfg.tracking.plots:
             from dist_cifar.observe.plots import sample_predictions, write_run_pictures  # matplotlib: only when drawing
+            predictions = summary.get("predictions")  # with them, the grid agrees with predictions.csv
             sample = sample_predictions(run.state.net, run.data.test, run.data.classes, mean=cfg.data.mean,
-                                        std=cfg.data.std)
-            pictures = write_run_pictures(run.run_dir, results, run.progress.history, sample, curve=run.progress.curve)
+                                        std=cfg.data.std, predictions=predictions)
+            pictures = write_run_pictures(run.run_dir, results, run.progress.history, sample, curve=run.progress.curve,
+                                          predictions=predictions, test_images=run.data.test.images)
     run.log.print(per_class_table(summary))
     run.tracker.finish(results, pictures)
     run.log.print(f"results in {run.run_dir}")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from dist_cifar.config import Config
+from dist_cifar.config import Config, TrainConfig
 from dist_cifar.data.sources import Dataset
+from dist_cifar.errors import ConfigError
 from dist_cifar.observe.log import MainLog
 from dist_cifar.observe.tracking import Tracker
 from dist_cifar.state.resume import Progress, TrainState
@@ -25,6 +26,28 @@ class Plan:
     micro_per_epoch: int
     steps_per_epoch: int
     total_steps: int
+
+
+DEFAULT_PER_DEVICE_BATCH = 4
+
+
+def batch_sizes(train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(images per process per micro-step, images per optimizer step) on `world_size` processes."""
+    k = train.grad_accum_steps
+    procs = f"{world_size} process{'es' if world_size != 1 else ''}"
+    if not train.global_batch_size:
+        per_device = train.per_device_batch_size or DEFAULT_PER_DEVICE_BATCH
+        return per_device, per_device * world_size * k
+    total = train.global_batch_size
+    if total % (world_size * k):
+        raise ConfigError(f"train.global_batch_size={total} does not split evenly over {procs} x "
+                          f"train.grad_accum_steps={k}: use a multiple of {world_size * k}")
+    per_device = total // (world_size * k)
+    if train.per_device_batch_size is not None and train.per_device_batch_size != per_device:
+        raise ConfigError(f"train.global_batch_size={total} means {per_device} images per process on {procs} "
+                          f"x train.grad_accum_steps={k}, but train.per_device_batch_size="
+                          f"{train.per_device_batch_size}: set one of them (the other to null)")
+    return per_device, total
 
 
 @dataclass

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from dist_cifar.config import Config, batch_sizes, dump_yaml
+from dist_cifar.config import Config, dump_yaml
 from dist_cifar.data.batches import DeviceBatches, EpochSampler, LoaderImages, normalize, steps_per_epoch
 from dist_cifar.data.sources import Dataset, load_dataset
 from dist_cifar.dist.failures import PHASE, collective_timeout
-from dist_cifar.engine.run import Plan, Run
+from dist_cifar.engine.run import Plan, Run, batch_sizes
 from dist_cifar.errors import RunError
 from dist_cifar.models import build_model
 from dist_cifar.observe.flops import describe, flops_per_image, peak_flops
