@@ -72,7 +72,8 @@ def curves_figure(history: list[dict], curve: list | None = None, num_classes: i
         ax.margins(y=0.15)
     if by_step:  # each epoch's mean loss, at the epoch's middle: the trend under the noise
         ends = [0] + [r["step"] for r in history]
-        means = [((a + r["step"]) / 2, r["train_loss"]) for a, r in zip(ends, history) if r.get("train_loss") is not None]
+        means = [((a + r["step"]) / 2, r["train_loss"]) for a, r in zip(ends, history)
+                 if r.get("train_loss") is not None]
         if means:
             ax_loss.plot(*zip(*means), "s", color="#ff7f0e", markersize=5, zorder=4, label="epoch mean")
             ax_loss.legend(loc="upper right", fontsize=8)
@@ -97,10 +98,10 @@ def curves_figure(history: list[dict], curve: list | None = None, num_classes: i
         ax_acc.legend(loc="lower right", fontsize=8)
         if acc:
             low, high = min(y for _, y in acc), max(y for _, y in acc)
-            span = max(high - min(low, chance), 2.0)
-            ax_acc.set_ylim(min(chance, low - 0.1 * span), min(100.0, high + 0.2 * span))
+            span = max(high - min(low, chance), 2.0)  # a little below chance, so its line is not the spine
+            ax_acc.set_ylim(min(chance - 0.03 * span, low - 0.1 * span), min(100.5, high + 0.2 * span))
         else:
-            ax_acc.set_ylim(chance, 100)
+            ax_acc.set_ylim(chance - 2, 100.5)
     if acc:
         ax_acc.annotate(f"{acc[-1][1]:.2f} %", acc[-1], textcoords="offset points", xytext=(-4, 6), ha="right")
     return fig
@@ -127,8 +128,8 @@ def confusion_figure(cm: list[list[int]], classes: list[str]) -> Figure:
     counts = np.asarray(cm)
     n = len(classes)
     size = max(5.0, 0.55 * n + 2)
-    fig = Figure(figsize=(size + 3.6, size), layout="constrained")
-    ax, side = fig.subplots(1, 2, width_ratios=[size + 1, 2.6])
+    fig = Figure(figsize=(size + 4.2, size), layout="constrained")
+    ax, side = fig.subplots(1, 2, width_ratios=[size + 1, 3.2])
     # colour by the fraction of the true class, so rare classes are as readable as common ones
     rows = counts.sum(1, keepdims=True)
     fraction = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
@@ -148,10 +149,10 @@ def confusion_figure(cm: list[list[int]], classes: list[str]) -> Figure:
                         color="white" if fraction[i, j] > 0.5 else "black")
     side.set_axis_off()
     side.set_title("largest confusions", loc="left")
-    side.text(0, 1, "true -> predicted: count\n(% of the true class)", transform=side.transAxes, va="top",
+    side.text(0, 1, "true -> predicted: count (% of the true class)", transform=side.transAxes, va="top",
               fontsize=8, color="gray")
-    for row, line in enumerate(largest_confusions(counts, classes) or ["none"]):
-        side.text(0, 0.88 - 0.065 * row, line, transform=side.transAxes, va="top", fontsize=9)
+    side.text(0, 0.95, "\n".join(largest_confusions(counts, classes) or ["none"]), transform=side.transAxes,
+              va="top", fontsize=9, linespacing=1.8)
     return fig
 
 
@@ -168,7 +169,9 @@ def per_class_figure(per_class: dict[str, float], accuracy: float) -> Figure:
     fig = Figure(figsize=(7, max(3.0, 0.35 * len(names) + 1.2)), layout="constrained")
     ax = fig.subplots()
     bars = ax.barh(range(len(names)), values, color="#1f77b4")
-    ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=3, fontsize=8)
+    for label in ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=3, fontsize=8):
+        label.set_bbox(dict(facecolor="white", edgecolor="none", pad=0.5))  # readable over the lines
+        label.set_zorder(5)
     ax.axvline(100 * accuracy, color="black", linestyle="--", linewidth=1, label=f"all classes {100 * accuracy:.2f} %")
     ax.axvline(chance, color="gray", linestyle=":", linewidth=1.5, label=f"chance {chance:.3g} %")
     ax.set_yticks(range(len(names)), names)
@@ -230,8 +233,8 @@ def predictions_grid(path: Path, sample: dict) -> Path:
     colors = [RIGHT if t == p else WRONG for t, p in zip(truth, predicted)]
     right = sum(t == p for t, p in zip(truth, predicted))
     return image_grid(path, np.asarray(sample["images"]), titles, colors,
-                      title=f"{right} of {len(truth)} test images predicted right (green: right; red: wrong, "
-                            f"as the predicted class){'; the confidence in the prediction' * bool(sample.get('confidence'))}")
+                      title=f"{right} of {len(truth)} test images predicted right (green: right; red: wrong, as the "
+                            f"predicted class{'; the number: its confidence' * bool(sample.get('confidence'))})")
 
 
 def confident_mistakes(predictions, n: int = 24) -> np.ndarray:
@@ -242,7 +245,8 @@ def confident_mistakes(predictions, n: int = 24) -> np.ndarray:
     return wrong[np.argsort(-confidence[wrong], kind="stable")[:n]]
 
 
-def most_confident_mistakes(path: Path, predictions, images: np.ndarray, classes: list[str], n: int = 24) -> Path | None:
+def most_confident_mistakes(path: Path, predictions, images: np.ndarray, classes: list[str],
+                            n: int = 24) -> Path | None:
     """The test images the net got wrong most confidently (from the gathered `predictions`), each titled
     with its test-set index (the row of predictions.csv), true class, predicted class and confidence.
     None (nothing drawn) when no prediction is wrong."""
@@ -286,7 +290,8 @@ def sample_predictions(net: torch.nn.Module, split: Split, classes: list[str], *
 
 
 def write_run_pictures(run_dir: str | Path, results: dict, history: list[dict], sample: dict | None,
-                       curve: list | None = None, predictions=None, test_images: np.ndarray | None = None) -> list[Path]:
+                       curve: list | None = None, predictions=None,
+                       test_images: np.ndarray | None = None) -> list[Path]:
     """(main process) The run's pictures in run_dir/pictures/; returns their paths. `curve`: the train
     loss every few steps ([step, mean loss], progress.curve); None draws the loss per epoch. With the
     gathered `predictions` of the test set and its `test_images`, also the most confident mistakes."""
