@@ -92,7 +92,7 @@ def evaluate_checkpoint(args) -> dict:
         raise DataError(f"{args.checkpoint} was trained on classes {classes}, but {data.source} has {data.classes}")
     net.to(accelerator.device)
 
-    cm, predictions = evaluate(net, data.test, len(classes), accelerator=accelerator, batch_size=batch_size,
+    cm, predictions, _ = evaluate(net, data.test, len(classes), accelerator=accelerator, batch_size=batch_size,
                                mean=cfg.data.mean, std=cfg.data.std,
                                tta_level=cfg.train.tta_level if args.tta_level is None else args.tta_level,
                                channels_last=cfg.model.channels_last,

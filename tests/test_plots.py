@@ -208,3 +208,16 @@ def test_data_grid(trained, tmp_path):
                                  results["classes"], title="five test images")
     with Image.open(path) as img:
         assert img.format == "PNG" and img.width > 300
+
+
+def test_test_loss_is_drawn_beside_the_training_loss(trained):
+    """Each evaluated epoch's test loss (metrics.jsonl's test_loss) on the loss panel, so a gap that opens
+    between the two losses (over-fitting) shows; epochs without an evaluation have none."""
+    results, history, *_ = trained
+    steps = results["steps"]
+    assert history[-1]["test_loss"] > 0  # written by the run itself
+    history = history + [dict(history[-1], epoch=2, step=2 * steps, test_accuracy=None, test_loss=None),
+                         dict(history[-1], epoch=3, step=3 * steps, test_accuracy=0.3, test_loss=2.5)]
+    loss, _ = plots.curves_figure(history, loss_curve(3 * steps)).axes
+    (test_line,) = [line for line in loss.lines if line.get_label() == "test loss"]
+    assert list(test_line.get_xdata()) == [steps, 3 * steps] and test_line.get_ydata()[-1] == 2.5

@@ -35,7 +35,7 @@ def end_epoch(run: Run, sums: EpochSums, clock: EpochClock, waits=None) -> dict 
     if last_epoch or (every and epoch % every == 0):
         PHASE.set(f"evaluation after epoch {epoch}")
         summary = evaluate_now(run)
-    record = epoch_record(run, epoch, train_loss, summary and summary["accuracy"], clock)
+    record = epoch_record(run, epoch, train_loss, summary, clock)
     progress.history.append(record)
     run.log.append_jsonl("metrics.jsonl", record)
     run.tracker.log(record, step=progress.step)
@@ -52,10 +52,12 @@ def end_epoch(run: Run, sums: EpochSums, clock: EpochClock, waits=None) -> dict 
     return summary
 
 
-def epoch_record(run: Run, epoch: int, train_loss, test_accuracy, clock: EpochClock) -> dict:
+def epoch_record(run: Run, epoch: int, train_loss, summary: dict | None, clock: EpochClock) -> dict:
     """The metrics.jsonl line of an epoch (also what the trackers log)."""
     progress, rate = run.progress, clock.rate()
-    return {"epoch": epoch, "step": progress.step, "train_loss": train_loss, "test_accuracy": test_accuracy,
+    return {"epoch": epoch, "step": progress.step, "train_loss": train_loss,
+            "test_accuracy": summary["accuracy"] if summary else None,
+            "test_loss": summary["test_loss"] if summary else None,
             "lr": run.state.optimizer.param_groups[0]["lr"], "seconds": round(clock.seconds, 3),
             "images_per_second": round(rate, 1) if rate else None,
             "flops_per_second": round(rate * run.info["flops_per_image"]) if rate and run.info.get("flops_per_image") else None,

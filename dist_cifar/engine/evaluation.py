@@ -47,9 +47,11 @@ class Predictions:
 
 @torch.no_grad()
 def evaluate(model, split: Split, num_classes: int, *, accelerator, batch_size: int, mean, std,
-             tta_level: int = 0, channels_last: bool = False, top_k: int = 0) -> tuple[torch.Tensor, Predictions | None]:
+             tta_level: int = 0, channels_last: bool = False,
+             top_k: int = 0) -> tuple[torch.Tensor, Predictions | None, float]:
     """(all ranks) The confusion matrix (rows = true class, columns = predicted) summed over every rank's
-    shard of `split`, and with top_k >= 1 the Predictions of every image, on every rank; one pass.
+    shard of `split`, with top_k >= 1 the Predictions of every image, on every rank, and the mean
+    cross-entropy loss over the split; one pass.
 
     `model` must be the unwrapped network: the shards differ in length by up to one batch, so no
     collective may run inside the loop (a DDP forward can broadcast buffers).
@@ -57,6 +59,7 @@ def evaluate(model, split: Split, num_classes: int, *, accelerator, batch_size: 
     was_training = model.training
     model.eval()
     counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=accelerator.device)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=accelerator.device)
     top_k = min(top_k, num_classes)
     rows = []  # per batch: label, top classes, top probabilities
     batches = eval_batches(split, batch_size=batch_size, rank=accelerator.process_index,
@@ -67,15 +70,18 @@ def evaluate(model, split: Split, num_classes: int, *, accelerator, batch_size: 
             logits = predict_logits(model, x, tta_level)
         pred = logits.argmax(1)
         counts += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         if top_k:
             top = logits.float().softmax(1).topk(top_k, dim=1)
             # the argmax decides a tie the same way as the confusion counts
             classes = torch.cat([pred[:, None], top.indices[:, 1:]], 1) if top_k > 1 else pred[:, None]
             rows.append(torch.cat([y[:, None].double(), classes.double(), top.values.double()], 1))
     model.train(was_training)
-    counts = accelerator.reduce(counts, reduction="sum")  # one collective for the counts
+    # one collective for the counts and the loss: float64 holds counts up to 2^53 exactly
+    totals = accelerator.reduce(torch.cat([counts.double(), loss_sum]), reduction="sum").cpu()
+    counts, loss = totals[:-1].round().long(), float(totals[-1]) / max(len(split), 1)
     predictions = _gather(rows, len(split), batch_size, top_k, accelerator) if top_k else None
-    return counts.view(num_classes, num_classes).cpu(), predictions
+    return counts.view(num_classes, num_classes), predictions, loss
 
 
 def _gather(rows: list[torch.Tensor], n: int, batch_size: int, top_k: int, accelerator) -> Predictions:
@@ -151,11 +157,12 @@ def evaluate_now(run) -> dict:
     writes them to predictions.csv and keeps them out of results.json)."""
     cfg = run.cfg
     with run.state.average.evaluation_weights():
-        cm, predictions = evaluate(run.state.net, run.data.test, len(run.data.classes), accelerator=run.accelerator,
+        cm, predictions, loss = evaluate(run.state.net, run.data.test, len(run.data.classes), accelerator=run.accelerator,
                                    batch_size=cfg.train.eval_batch_size, mean=cfg.data.mean, std=cfg.data.std,
                                    tta_level=cfg.train.tta_level, channels_last=cfg.model.channels_last,
                                    top_k=1 if cfg.train.write_predictions else 0)
     summary = summarize(cm, run.data.classes)
+    summary["test_loss"] = round(loss, 6)
     if predictions is not None:
         summary["predictions"] = predictions
     return summary

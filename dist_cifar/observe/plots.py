@@ -35,8 +35,9 @@ def training_curves(path: Path, history: list[dict], curve: list | None = None,
 
 
 def curves_figure(history: list[dict], curve: list | None = None, num_classes: int | None = None) -> Figure:
-    """Train loss and test accuracy side by side on one x axis, so that over-fitting shows (the loss still
-    falling while the accuracy stalls); a third panel for the learning rate only when it changed.
+    """Train and test loss beside test accuracy on one x axis, so that over-fitting shows (the training loss
+    still falling while the test loss rises and the accuracy stalls); a third panel for the learning rate
+    only when it changed.
 
     With `curve` ([step, mean train loss since the previous point], about 20 points an epoch) the x
     axis is the step: the loss is that curve with each epoch's mean, test accuracy a point per evaluated
@@ -56,7 +57,7 @@ def curves_figure(history: list[dict], curve: list | None = None, num_classes: i
     axes = list(fig.subplots(1, 3 if lr_changed else 2, sharex=True))
     ax_loss, ax_acc = axes[:2]
     lr_note = f" (lr {lr[0][1]:.3g}, constant)" if lr and not lr_changed else ""
-    panels = [(ax_loss, loss, "training loss" + lr_note, "cross-entropy"), (ax_acc, acc, "test accuracy", "%")]
+    panels = [(ax_loss, loss, "loss" + lr_note, "cross-entropy"), (ax_acc, acc, "test accuracy", "%")]
     if lr_changed:
         panels.append((axes[2], lr, "learning rate (end of epoch)", "lr"))
     for ax, points, title, ylabel in panels:
@@ -76,7 +77,11 @@ def curves_figure(history: list[dict], curve: list | None = None, num_classes: i
                  if r.get("train_loss") is not None]
         if means:
             ax_loss.plot(*zip(*means), "s", color="#ff7f0e", markersize=5, zorder=4, label="epoch mean")
-            ax_loss.legend(loc="upper right", fontsize=8)
+    test_loss = [(r[unit], r["test_loss"]) for r in history if r.get("test_loss") is not None]
+    if test_loss:  # beside the training loss: a gap that opens between them is over-fitting
+        ax_loss.plot(*zip(*test_loss), "D-", color="#2ca02c", markersize=5, zorder=4, label="test loss")
+    if by_step or test_loss:
+        ax_loss.legend(loc="upper right", fontsize=8)
     # x limits by hand: a one-epoch run is one point, which autoscaling would put on the axes' edge
     if by_step:
         last = max([p[0] for p in loss] + [r["step"] for r in history] + [1])

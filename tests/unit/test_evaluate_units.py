@@ -116,7 +116,7 @@ def test_predictions_of_one_pass_match_its_confusion_counts(accelerator):
     images = np.zeros((7, 4, 4, 3), np.uint8)
     images[:, :, :, 0] = np.array(red, np.uint8)[:, None, None]
     split = Split(images, np.array(labels, np.int64))
-    cm, predictions = evaluate(TopLeftPixel(), split, 3, accelerator=accelerator, batch_size=3, mean=[0.0] * 3,
+    cm, predictions, _ = evaluate(TopLeftPixel(), split, 3, accelerator=accelerator, batch_size=3, mean=[0.0] * 3,
                                std=[1.0] * 3, top_k=2)
     assert predictions.labels.tolist() == labels
     assert predictions.top_classes[:, 0].tolist() == [0, 0, 1, 2, 2, 1, 0]
