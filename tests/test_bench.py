@@ -20,6 +20,7 @@ from PIL import Image
 from dist_cifar.bench import cpu as bench, loops as bench_loops
 
 REPO = Path(__file__).resolve().parents[1]
+REFERENCE_SCRIPT = REPO.parent / "shared" / "reference" / "tutorial_cifar10.py"  # the tutorial as a user runs it
 
 
 def caches_of(cache_dir: Path, data_root: Path) -> int:
@@ -134,11 +135,14 @@ def test_quick_bench_writes_the_documented_json(tmp_path, data_args, data_root, 
     # the documented keys: the in-memory tutorial's median rate and the headline ratios
     tutorial_rate = result["summary"]["tutorial"]["images_per_second"]["median"]
     assert 0 < tutorial_rate < math.inf
-    assert set(result["ratios"]) == {"dist_cifar_over_tutorial", "dist_cifar_over_bare_step"}
+    script = ["tutorial_script"] if REFERENCE_SCRIPT.is_file() else []  # timed beside the rows when present
+    assert set(result["ratios"]) == {"dist_cifar_over_tutorial", "dist_cifar_over_bare_step"} | (
+        {"tutorial_row_over_script", "dist_cifar_over_tutorial_script"} if script else set())
     # (which rates the ratios divide is checked with known numbers in test_ratios_and_targets_...)
 
     runs = {r["measurement"]: r for r in result["runs"]}
-    assert [r["measurement"] for r in result["runs"]] == ["tutorial", "tutorial_imagefolder", "dist_cifar", "bare_step"]
+    assert [r["measurement"] for r in result["runs"]] == ["tutorial", *script, "tutorial_imagefolder", "dist_cifar",
+                                                          "bare_step"]
     tutorial, folder = runs["tutorial"], runs["tutorial_imagefolder"]
     assert (tutorial["dataset"], tutorial["dataset_size"]) == ("TutorialCIFAR10", 50000)
     assert (folder["dataset"], folder["dataset_size"]) == ("ImageFolder", 50000)
@@ -235,3 +239,22 @@ def test_gpu_quick_bench_runs_every_peer_row(tmp_path, data_args, data_root, cac
             with Image.open(path) as img:
                 assert np.array_equal(data["images"][row].numpy(), np.asarray(img.convert("RGB"))), (split, row, path)
     assert caches_of(cache_dir, data_root) == 1  # every run read the one decoded cache
+
+
+def test_the_tutorial_row_runs_as_fast_as_the_tutorials_own_script(tmp_path, data_args, data_root):
+    """The benchmark's tutorial row against the PyTorch tutorial's script run as a user runs it, side by
+    side (3 interleaved pairs of 300 steps, the script's own window: DataLoader start included): the
+    medians are within 0.8-1.25x, so a baseline slower than the real loop (it once read 0.6x) fails."""
+    import statistics
+
+    if not REFERENCE_SCRIPT.is_file():
+        pytest.skip(f"no reference script at {REFERENCE_SCRIPT}")
+    args = bench.parse_args(["--data", str(data_root), "--steps", "280", "--warmup", "20",
+                             "--tutorial-script", str(REFERENCE_SCRIPT)])
+    bench.prepare_script_data(data_root, tmp_path / "script-data")
+    row, script = [], []
+    for repeat in range(3):
+        row.append(bench.measure_tutorial(args, tmp_path, f"row-{repeat}")["images_per_second_with_startup"])
+        script.append(bench.measure_tutorial_script(args, tmp_path, f"script-{repeat}")["images_per_second"])
+    ratio = statistics.median(row) / statistics.median(script)
+    assert 0.8 <= ratio <= 1.25, f"tutorial row {row} against the script {script} images/s: {ratio:.2f}x"

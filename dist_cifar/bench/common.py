@@ -64,13 +64,14 @@ def stop(proc: subprocess.Popen, grace_seconds: float = 10.0) -> None:
         proc.wait()
 
 
-def run_watched(cmd: list[str], log_path: Path, timeout: float = CHILD_TIMEOUT_SECONDS, check: bool = True) -> dict:
+def run_watched(cmd: list[str], log_path: Path, timeout: float = CHILD_TIMEOUT_SECONDS, check: bool = True,
+                env: dict | None = None) -> dict:
     """Run `cmd` to the end; its wall time from launch, peak RSS (wait4) and sampled peak PSS of its tree.
     A non-zero exit raises BenchError, or with check=False is only reported as `exit_code`."""
     load = os.getloadavg()[0]
     launched = time.time()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     peak_pss, most_processes, next_sample = 0.0, 1, 0.0
     try:
         while True:

@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from dist_cifar.bench.common import (REPO, BenchError, add_data_argument, machine_info, prepare_cache, run_child,
-                                     run_trainer, shown, spread, targets_table)
+                                     run_trainer, run_watched, shown, spread, targets_table)
 from dist_cifar.bench.loops import BATCH, TUTORIAL_EPOCHS
 
 TARGET_VS_BARE = 0.9  # dist_cifar images/s >= this x the bare step's
@@ -57,6 +58,34 @@ TARGET_PEAK_RSS_MB = 1500  # peak RSS of a single-process full-CIFAR run (1.5 GB
 
 def measure_tutorial(args, work: Path, tag: str) -> dict:
     return run_child("tutorial", args, work, tag, steps=args.steps, warmup=args.warmup, source="cifar10")
+
+
+def prepare_script_data(data: Path, folder: Path) -> None:
+    """The reference script's decoded arrays (its CIFAR_NPZ cache), written once from dist_cifar's decoded
+    cache: the same images the tutorial row trains on, and no JPEG decoding inside any timed run."""
+    import numpy as np
+
+    from dist_cifar.bench.loops import decoded_cache_config
+    from dist_cifar.data.sources import load_dataset
+
+    decoded = load_dataset(decoded_cache_config(data))
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        part = getattr(decoded, split)
+        np.savez(folder / f"{split}.npz", x=np.asarray(part.images), y=np.asarray(part.labels, dtype=np.int64))
+
+
+def measure_tutorial_script(args, work: Path, tag: str) -> dict:
+    """The PyTorch tutorial's own script as a user runs it (args.tutorial_script: a fresh interpreter, its
+    own DataLoader, torch's defaults), for warmup + steps steps; it times all of them, DataLoader start
+    included, which the tutorial row reports as images_per_second_with_startup."""
+    env = {**os.environ, "CIFAR_NPZ": str(work / "script-data"), "CIFAR_JPEG": str(args.data)}
+    log = work / f"{tag}.log"
+    watched = run_watched([sys.executable, str(args.tutorial_script), "1", str(args.warmup + args.steps)], log, env=env)
+    printed = log.read_text().split()
+    value = {printed[i]: float(printed[i + 1]) for i in range(len(printed) - 1) if printed[i] in ("images_per_second",)}
+    return {"images_per_second": value["images_per_second"], "images_per_second_with_startup": value["images_per_second"],
+            **watched}
 
 
 def measure_tutorial_imagefolder(args, work: Path, tag: str) -> dict:
@@ -88,7 +117,7 @@ def measure_tutorial_epochs(args, work: Path, tag: str) -> dict:
 # ---- medians, ratios, targets ----
 
 def summarize(runs: list[dict]) -> dict:
-    keys = ("images_per_second", "peak_rss_mb", "peak_pss_all_mb", "wall_seconds", "seconds_to_target", "accuracy",
+    keys = ("images_per_second", "images_per_second_with_startup", "peak_rss_mb", "peak_pss_all_mb", "wall_seconds", "seconds_to_target", "accuracy",
             "dataset_seconds")
     out = {}
     for name in dict.fromkeys(r["measurement"] for r in runs):
@@ -104,7 +133,12 @@ def median(summary: dict, name: str, key: str):
 def ratios(summary: dict) -> dict:
     """The headline ratios, of medians: the tutorial is the in-memory loop (never the ImageFolder one)."""
     dist, tut, bare = (median(summary, n, "images_per_second") for n in ("dist_cifar", "tutorial", "bare_step"))
-    return {"dist_cifar_over_tutorial": dist / tut, "dist_cifar_over_bare_step": dist / bare}
+    out = {"dist_cifar_over_tutorial": dist / tut, "dist_cifar_over_bare_step": dist / bare}
+    script = median(summary, "tutorial_script", "images_per_second")
+    if script:  # the honest peer: the tutorial as a user runs it, timed over the same window as the row
+        out["tutorial_row_over_script"] = median(summary, "tutorial", "images_per_second_with_startup") / script
+        out["dist_cifar_over_tutorial_script"] = dist / script
+    return out
 
 
 def imagefolder_comparison(summary: dict) -> dict | None:
@@ -139,7 +173,8 @@ def table(result: dict) -> str:
              f"1-min load average at launches {min(loads):.1f}-{max(loads):.1f}", "",
              "| measurement | images/s | peak RSS MB (largest process) | peak PSS MB (all processes) |",
              "|---|---|---|---|"]
-    names = {"tutorial": "tutorial loop (CIFAR10-style uint8 arrays in memory, DataLoader 2 workers)",
+    names = {"tutorial_script": "the tutorial's own script, run as a user runs it (DataLoader start included)",
+             "tutorial": "tutorial loop (CIFAR10-style uint8 arrays in memory, DataLoader 2 workers)",
              "tutorial_imagefolder": "not the tutorial: same loop on ImageFolder JPEGs, decoded every epoch (no ratio)",
              "dist_cifar": "dist_cifar configs/tutorial.yaml", "bare_step": "bare step (one ready batch)"}
     threads = {r["measurement"]: r.get("torch_threads") for r in result["runs"]}
@@ -152,6 +187,9 @@ def table(result: dict) -> str:
     r = result["ratios"]
     lines += ["", f"dist_cifar / tutorial: **{r['dist_cifar_over_tutorial']:.2f}x**; "
                   f"dist_cifar / bare step: **{r['dist_cifar_over_bare_step']:.2f}**"]
+    if "tutorial_row_over_script" in r:
+        lines += [f"tutorial row (with its start) / the tutorial's script: **{r['tutorial_row_over_script']:.2f}x**; "
+                  f"dist_cifar / the tutorial's script: **{r['dist_cifar_over_tutorial_script']:.2f}x**"]
     if "time_to_accuracy" in s:
         t, w = s["time_to_accuracy"], s["tutorial_2_epochs"]
         lines += ["", "| run | wall s from launch | test accuracy | peak RSS MB |", "|---|---|---|---|",
@@ -182,6 +220,8 @@ def parse_args(argv=None):
     parser.add_argument("--imagefolder-baseline", action="store_true",
                         help="also time the tutorial's loop on ImageFolder JPEGs (decoded every epoch), labelled "
                              "tutorial_imagefolder and kept out of the ratios and targets (its rate only)")
+    parser.add_argument("--tutorial-script", type=Path, default=REPO.parent / "shared" / "reference" / "tutorial_cifar10.py",
+                        help="the tutorial's own script, timed beside the rows when it exists (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a short check: 300 steps, 20 warm-up, 1 repeat")
     parser.add_argument("--gpu", action="store_true",
                         help="the GPU peer benchmark instead (dist_cifar.bench.gpu: airbench94 and the tutorial's "
@@ -209,6 +249,8 @@ def main(argv=None) -> int:
         return 2
     out = args.out or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     measurements = {"tutorial": measure_tutorial}
+    if args.tutorial_script.is_file():
+        measurements["tutorial_script"] = measure_tutorial_script
     if args.imagefolder_baseline:
         measurements["tutorial_imagefolder"] = measure_tutorial_imagefolder
     measurements.update(dist_cifar=measure_dist_cifar, bare_step=measure_bare)
@@ -218,13 +260,16 @@ def main(argv=None) -> int:
                 "batch_size": BATCH, "time_to_accuracy": args.time_to_accuracy, "tta_config": str(args.tta_config),
                 "target_accuracy": args.target_accuracy, "imagefolder_baseline": args.imagefolder_baseline,
                 "tutorial_dataset": "TutorialCIFAR10 (torchvision CIFAR10's data layout and __getitem__, "
-                                    "arrays from dist_cifar's decoded cache)", "command": sys.argv}
+                                    "arrays from dist_cifar's decoded cache)", "command": sys.argv,
+                "tutorial_script": str(args.tutorial_script) if args.tutorial_script.is_file() else None}
     print(f"dist-cifar-bench: preparing the decoded-image cache for {args.data}", flush=True)
     settings["cache_seconds"] = prepare_cache(args.data)
     runs = []
     try:
         with tempfile.TemporaryDirectory(prefix="dist-cifar-bench-") as tmp:
             for repeat in range(args.repeats):
+                if "tutorial_script" in measurements:
+                    prepare_script_data(args.data, Path(tmp) / "script-data")
                 for name, measure in measurements.items():
                     print(f"dist-cifar-bench: run {repeat + 1}/{args.repeats}: {name}", flush=True)
                     runs.append({"measurement": name, "repeat": repeat, **measure(args, Path(tmp), f"{name}-{repeat}")})
