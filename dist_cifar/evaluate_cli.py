@@ -18,21 +18,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the package importable without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 
 from dist_cifar.state import checkpoint as ckpt
 from dist_cifar.config import DATA_ENV, data_layout, to_dict
 from dist_cifar.data.sources import DataError, load_dataset
 from dist_cifar.engine.evaluation import evaluate, per_class_table, predictions_csv, summarize
 from dist_cifar.dist.accelerator import build_accelerator
-from dist_cifar.dist.exit import leave
-from dist_cifar.dist.failures import collective_failure
+from dist_cifar.dist.exit import run_and_leave, run_in_group
 from dist_cifar.errors import RunError
 from dist_cifar.observe.log import MainLog, NullLog
 from dist_cifar.versions import versions
@@ -136,40 +133,20 @@ def main(argv=None) -> int:
     if args.top_k < 0 or (args.top_k and not args.predictions):
         print("dist_cifar: error: --top-k K needs --predictions FILE and K >= 1", file=sys.stderr)
         return 2
-    group_usable = True
-    try:
-        evaluate_checkpoint(args)
-        return 0
-    except (DataError, ckpt.CheckpointError, RunError) as err:
-        print(f"dist_cifar: error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:
-        failure = collective_failure(err)
-        if failure is None:
-            raise
-        group_usable = False
-        print(f"dist_cifar: error: {failure}", file=sys.stderr)
-        return 1
-    finally:
-        # As the trainer: closing the group is local; after a failed collective it could wait on a dead peer.
-        if group_usable and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    def work() -> int:
+        try:
+            evaluate_checkpoint(args)
+            return 0
+        except (DataError, ckpt.CheckpointError, RunError) as err:
+            print(f"dist_cifar: error: {err}", file=sys.stderr)
+            return 1
+    return run_in_group(work)
 
 
 def cli() -> None:
     """Leave the way the trainer does (dist_cifar/dist/exit.py): after a process group, without interpreter
     shutdown, which can race a gloo worker thread and abort a finished evaluation."""
-    try:
-        code = main()
-    except SystemExit as err:  # argparse: --help, usage errors
-        code = err.code if isinstance(err.code, int) else 2
-    except KeyboardInterrupt:
-        print("dist_cifar: interrupted", file=sys.stderr)
-        code = 130
-    except BaseException:  # a bug: show it, then leave the same way as every other exit
-        traceback.print_exc()
-        code = 1
-    leave(code)
+    run_and_leave(main)
 
 
 if __name__ == "__main__":

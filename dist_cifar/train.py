@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the package importable without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dist_cifar.config import ConfigError, dump_yaml, load_config  # noqa: E402  (no torch: --print-config is quick)
+from dist_cifar.dist.exit import run_and_leave, run_in_group  # noqa: E402  (no torch either)
 from dist_cifar.errors import CheckpointError, DataError, RunError  # noqa: E402
 
 
@@ -53,53 +53,27 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    import torch
-
-    from dist_cifar.dist.failures import collective_failure
     from dist_cifar.dist.preempt import PREEMPTED_EXIT_CODE
     from dist_cifar.engine.job import train
     from dist_cifar.engine.loop import Preempted
 
-    group_usable = True
-    try:
-        return train(cfg, Path(args.config).stem if args.config else "run")
-    except ConfigError as err:
-        print(f"dist_cifar: config error: {err}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, RunError) as err:
-        print(f"dist_cifar: error: {err}", file=sys.stderr)
-        return 1
-    except Preempted:
-        return PREEMPTED_EXIT_CODE
-    except Exception as err:
-        failure = collective_failure(err)
-        if failure is None:
-            raise
-        group_usable = False
-        print(f"dist_cifar: error: {failure}", file=sys.stderr)
-        return 1
-    finally:
-        # Closing the group is local to this rank; after a failed collective it could wait on the dead
-        # peer's work instead, and the process ends without it.
-        if group_usable and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    def work() -> int:
+        try:
+            return train(cfg, Path(args.config).stem if args.config else "run")
+        except ConfigError as err:
+            print(f"dist_cifar: config error: {err}", file=sys.stderr)
+            return 2
+        except (DataError, CheckpointError, RunError) as err:
+            print(f"dist_cifar: error: {err}", file=sys.stderr)
+            return 1
+        except Preempted:
+            return PREEMPTED_EXIT_CODE
+    return run_in_group(work)
 
 
 def cli() -> None:
     set_process_defaults()
-    try:
-        code = main()
-    except SystemExit as err:  # argparse: --help, usage errors
-        code = err.code if isinstance(err.code, int) else 2
-    except KeyboardInterrupt:
-        print("dist_cifar: interrupted", file=sys.stderr)
-        code = 130
-    except BaseException:  # a bug: show it, then leave the same way as every other exit
-        traceback.print_exc()
-        code = 1
-    from dist_cifar.dist.exit import leave
-
-    leave(code)
+    run_and_leave(main)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit:
     pass
+import torch  # --help itself loads no torch (nor does --print-config): what would a run's import have seen
 print(seen[0])
 """
 
