@@ -1,4 +1,4 @@
-"""Preemption: stop signals turned into a flag all ranks agree on, and the SLURM requeue."""
+"""Preemption: stop signals turned into a flag, and the SLURM requeue."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 
-import torch
-
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal, checkpoint written, resume to continue
 
 
 class Preemption:
-    """Turns SIGTERM/SIGUSR1 (configurable) into a flag that all ranks agree on at step boundaries."""
+    """Turns SIGTERM/SIGUSR1 (configurable) into a flag; the loop's Watch (engine/loop.py) has the ranks agree
+    on it at step boundaries, in the same all-reduce as the divergence check."""
 
     def __init__(self, signal_names: list[str]):
         self.received: str | None = None
@@ -26,15 +25,6 @@ class Preemption:
         # signal arriving during the save cannot interrupt it.
         if self.received is None:
             self.received = signal.Signals(signum).name
-
-    def should_stop(self, accelerator, step: int, every: int) -> bool:
-        """(all ranks) True on every rank once any rank got a signal; checked every `every` steps."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        if step % every:
-            return False
-        flag = torch.tensor([1 if self.received else 0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
