@@ -65,12 +65,28 @@ def work_unit(nodeid: str) -> str:
     return UNITS.get(stem, stem)
 
 
+PHASE = os.environ.get("DIST_CIFAR_TEST_PHASE", "")  # tests/run.sh: "shared", then "alone"
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test outside tests/unit/ is `slow` (real processes, real images): `-m "not slow"` is the
-    fast tier. Under xdist, the longest work units come first (collection happens in each worker)."""
+    fast tier. `alone` tests (timed comparisons) are left out of tests/run.sh's parallel phase and are
+    all its second phase runs; under xdist outside that script they are skipped, since other tests
+    would run beside them. Under xdist, the longest work units come first (collection happens in each worker)."""
     for item in items:
         if not item.nodeid.startswith("tests/unit/"):
             item.add_marker(pytest.mark.slow)
+    if PHASE in ("shared", "alone"):
+        keep = [item for item in items if (item.get_closest_marker("alone") is not None) == (PHASE == "alone")]
+        kept = set(map(id, keep))
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
+        items[:] = keep
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        beside = pytest.mark.skip(reason="timed: needs the machine to itself; tests/run.sh runs it after the rest, "
+                                         "or run it without xdist (-p no:xdist)")
+        for item in items:
+            if item.get_closest_marker("alone") is not None:
+                item.add_marker(beside)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         files: dict[str, set[str]] = {}
         for item in items:
