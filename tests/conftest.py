@@ -76,17 +76,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not item.nodeid.startswith("tests/unit/"):
             item.add_marker(pytest.mark.slow)
+    def alone(item) -> bool:
+        return item.get_closest_marker("alone") is not None
+
     if PHASE in ("shared", "alone"):
-        keep = [item for item in items if (item.get_closest_marker("alone") is not None) == (PHASE == "alone")]
-        kept = set(map(id, keep))
-        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
-        items[:] = keep
+        config.hook.pytest_deselected(items=[item for item in items if alone(item) != (PHASE == "alone")])
+        items[:] = [item for item in items if alone(item) == (PHASE == "alone")]
     elif os.environ.get("PYTEST_XDIST_WORKER"):
         beside = pytest.mark.skip(reason="timed: needs the machine to itself; tests/run.sh runs it after the rest, "
                                          "or run it without xdist (-p no:xdist)")
-        for item in items:
-            if item.get_closest_marker("alone") is not None:
-                item.add_marker(beside)
+        for item in filter(alone, items):
+            item.add_marker(beside)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         files: dict[str, set[str]] = {}
         for item in items:
